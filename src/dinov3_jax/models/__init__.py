@@ -1,0 +1,1 @@
+"""DINOv3 backbones in Flax NNX."""

@@ -1,0 +1,138 @@
+"""Named DINOv3 backbones with the exact hyper-parameters of the released models (RECIPE.md §1.11).
+
+Each entry also names its input normalisation (LVD-1689M: ImageNet statistics; SAT-493M: the
+satellite statistics) and the hash that the official file names carry, so a file such as
+`dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth` can be recognised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from flax import nnx
+
+from dinov3_jax.models.config import ViTConfig
+
+NORMALIZATION = {
+    "lvd": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "sat": ((0.430, 0.411, 0.296), (0.213, 0.156, 0.143)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    config: ViTConfig
+    # Key of NORMALIZATION the weights were trained with.
+    normalization: str = "lvd"
+    # Hash in the official weight file name, when released.
+    file_hash: str | None = None
+    # Parameter count stated for the released model (RECIPE.md §1.11), for tests.
+    n_params: int | None = None
+
+
+# Shared by every released ViT (RECIPE.md §1.11).
+RELEASED = ViTConfig(
+    patch_size=16,
+    pos_embed_rope_base=100.0,
+    pos_embed_rope_normalize_coords="separate",
+    pos_embed_rope_rescale_coords=2.0,
+    pos_embed_rope_dtype="fp32",
+    qkv_bias=True,
+    mask_k_bias=True,
+    ffn_bias=True,
+    proj_bias=True,
+    layerscale_init=1e-5,
+    norm_layer="layernormbf16",
+    n_storage_tokens=4,
+)
+
+
+def _released(**kw) -> ViTConfig:
+    return RELEASED.replace(**kw)
+
+
+_VIT_7B = _released(
+    embed_dim=4096,
+    depth=40,
+    num_heads=32,
+    ffn_ratio=3.0,
+    ffn_layer="swiglu64",
+    qkv_bias=False,
+    mask_k_bias=False,
+    untie_global_and_local_cls_norm=True,
+)
+
+MODELS: dict[str, ModelSpec] = {
+    "dinov3_vits16": ModelSpec(
+        _released(embed_dim=384, depth=12, num_heads=6, ffn_ratio=4.0), "lvd", "08c60483", 21_601_152
+    ),
+    "dinov3_vits16plus": ModelSpec(
+        _released(embed_dim=384, depth=12, num_heads=6, ffn_ratio=6.0, ffn_layer="swiglu"),
+        "lvd",
+        "4057cbaa",
+        28_697_472,
+    ),
+    "dinov3_vitb16": ModelSpec(
+        _released(embed_dim=768, depth=12, num_heads=12, ffn_ratio=4.0), "lvd", "73cec8be", 85_669_632
+    ),
+    "dinov3_vitl16": ModelSpec(
+        _released(embed_dim=1024, depth=24, num_heads=16, ffn_ratio=4.0), "lvd", "8aa4cbdd", 303_154_176
+    ),
+    "dinov3_vitl16_sat": ModelSpec(
+        _released(embed_dim=1024, depth=24, num_heads=16, ffn_ratio=4.0, untie_global_and_local_cls_norm=True),
+        "sat",
+        "eadcf0ff",
+        303_156_224,
+    ),
+    "dinov3_vitl16plus": ModelSpec(
+        _released(embed_dim=1024, depth=24, num_heads=16, ffn_ratio=6.0, ffn_layer="swiglu"),
+        "lvd",
+        "46503df0",
+        403_915_776,
+    ),
+    "dinov3_vith16plus": ModelSpec(
+        _released(embed_dim=1280, depth=32, num_heads=20, ffn_ratio=6.0, ffn_layer="swiglu"),
+        "lvd",
+        "7c1da9a5",
+        840_633_600,
+    ),
+    "dinov3_vit7b16": ModelSpec(_VIT_7B, "lvd", "a955f4ea", 6_716_043_264),
+    "dinov3_vit7b16_sat": ModelSpec(_VIT_7B, "sat", "a6675841", 6_716_043_264),
+    # Tiny variants with every option of the released models switched on, for tests and CPU runs.
+    "dinov3_vit_tiny": ModelSpec(_released(embed_dim=64, depth=3, num_heads=4, ffn_ratio=4.0)),
+    "dinov3_vit_tiny_swiglu": ModelSpec(
+        _released(embed_dim=64, depth=3, num_heads=4, ffn_ratio=4.0, ffn_layer="swiglu")
+    ),
+}
+
+
+def list_models() -> list[str]:
+    return list(MODELS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, MODELS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(MODELS)}") from None
+
+
+def model_from_filename(filename: str) -> str | None:
+    """The registry name whose official hash appears in a weight file name, if any."""
+    for name, spec in MODELS.items():
+        if spec.file_hash and spec.file_hash in filename:
+            return name
+    return None
+
+
+def create_backbone(name_or_config: str | ViTConfig, *, seed: int = 0, **overrides):
+    """A randomly initialised backbone (official init, RECIPE.md §1.10) from a name or a config."""
+    from dinov3_jax.models.vit import DinoVisionTransformer
+
+    cfg = get_spec(name_or_config).config if isinstance(name_or_config, str) else name_or_config
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return DinoVisionTransformer(cfg, rngs=nnx.Rngs(seed))

@@ -1,0 +1,250 @@
+"""Reading and writing backbone weights in three layouts, and `load_backbone`.
+
+Layouts: "meta" (the official `.pth` state dict, also a training `teacher_checkpoint.pth`),
+"hf" (a `transformers` DINOv3ViT folder or safetensors file, 4.x or 5.x keys) and "ours"
+(safetensors with our names and the config in its metadata). Reading `.pth` needs torch (the
+`[torch]` extra); everything else is numpy + safetensors. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinov3_jax.convert import hf, official
+from dinov3_jax.convert.ours import FORMAT_TAG, WeightsError, model_from_flat, model_to_flat, save_ours
+from dinov3_jax.models.config import ViTConfig, structural_differences
+from dinov3_jax.models.registry import get_spec, model_from_filename
+from dinov3_jax.models.vit import DinoVisionTransformer
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("meta", "hf", "ours")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files into flat numpy dicts
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def read_torch(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"reading {path} needs torch: pip install 'dinov3-jax[torch]'") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    # Training checkpoints wrap the state dict: {"teacher": {...}}, {"model": {...}}, {"state_dict": ...}.
+    for wrapper in ("teacher", "model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return {k: _torch_to_numpy(v) for k, v in obj.items() if hasattr(v, "detach")}
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except Exception as err:
+        raise WeightsError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def read_hf_dir(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """An HF model folder: config.json plus model.safetensors or a sharded index."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise WeightsError(f"{path}: an HF model folder needs config.json")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / s for s in shards]
+    elif (path / "model.safetensors").exists():
+        files = [path / "model.safetensors"]
+    else:
+        raise WeightsError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    sd = {}
+    for file in files:
+        sd.update(read_safetensors(file)[0])
+    return sd, json.loads(config_file.read_text())
+
+
+def detect_layout(keys) -> str:
+    keys = list(keys)
+    if any(k.startswith(("embeddings.", "layer.", "model.layer.")) for k in keys):
+        return "hf"
+    return "meta"
+
+
+def read_weights(path: str | Path) -> tuple[str, dict[str, np.ndarray], ViTConfig | None]:
+    """(layout, flat arrays in that layout, the config the file states or implies, if any)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights not found: {path}")
+    if path.is_dir():
+        sd, hf_config = read_hf_dir(path)
+        return "hf", sd, hf.config_from_hf(hf_config)
+    if path.suffix in TORCH_SUFFIXES:
+        sd = read_torch(path)
+        layout = detect_layout(sd)
+        return layout, sd, (official.infer_config(sd) if layout == "meta" else None)
+    sd, metadata = read_safetensors(path)
+    if metadata.get("format") == FORMAT_TAG:
+        return "ours", sd, ViTConfig.from_json(metadata["config"])
+    layout = detect_layout(sd)
+    if layout == "hf":
+        config_file = path.parent / "config.json"
+        return "hf", sd, hf.config_from_hf(json.loads(config_file.read_text())) if config_file.exists() else None
+    return "meta", sd, official.infer_config(sd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout → our flat dict and config
+# ---------------------------------------------------------------------------------------------
+
+
+def to_ours(layout: str, sd: dict[str, np.ndarray], cfg: ViTConfig) -> tuple[dict[str, np.ndarray], ViTConfig]:
+    if layout == "ours":
+        return dict(sd), cfg
+    if layout == "hf":
+        return hf.to_ours(sd, cfg), cfg
+    flat, periods = official.to_ours(sd)
+    return flat, official.with_file_periods(cfg, periods)
+
+
+def resolve_config(name: str | None, found: ViTConfig | None, path: Path) -> ViTConfig:
+    """The registry config (checked against the file's structure) or the file's own config."""
+    if name is None:
+        name = model_from_filename(path.name)
+        if name:
+            log.info("%s: recognised %s from the file name", path, name)
+    if name is None:
+        if found is None:
+            raise WeightsError(f"{path}: the file does not state its architecture; pass the model name")
+        return found
+    cfg = get_spec(name).config
+    if found is not None:
+        diffs = structural_differences(cfg, found)
+        if diffs:
+            raise WeightsError(f"{path} does not hold a {name} backbone:\n  " + "\n  ".join(diffs))
+        if found.rope_periods is not None:
+            cfg = cfg.replace(rope_periods=found.rope_periods)
+    return cfg
+
+
+def load_backbone(
+    name: str | None = None,
+    weights: str | Path | None = None,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = None,
+    attention_impl: str | None = None,
+    seed: int = 0,
+) -> DinoVisionTransformer:
+    """A DINOv3 backbone as an NNX module.
+
+    `name` is a registry name (see `list_models()`); with `weights` (official `.pth`, HF folder or
+    safetensors, or ours) the parameters come from the file, strictly: every key must be used and
+    every shape must match, or a `WeightsError` lists what does not. Without `weights` the model
+    is randomly initialised. `dtype` is the compute dtype ("bf16", jnp.bfloat16, ...);
+    `param_dtype` the storage dtype (fp32 by default).
+    """
+    options = {
+        k: v
+        for k, v in (("dtype", dtype), ("param_dtype", param_dtype), ("attention_impl", attention_impl))
+        if v is not None
+    }
+    options = {k: (v if isinstance(v, str) else np.dtype(v).name) for k, v in options.items()}
+    if weights is None:
+        if name is None:
+            raise ValueError("pass a model name, weights, or both")
+        from dinov3_jax.models.registry import create_backbone
+
+        return create_backbone(name, seed=seed, **options)
+    path = Path(weights)
+    layout, sd, found = read_weights(path)
+    cfg = resolve_config(name, found, path)
+    flat, cfg = to_ours(layout, sd, cfg)
+    return model_from_flat(cfg.replace(**options), flat, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def save_backbone(model: DinoVisionTransformer, out: str | Path, layout: str = "ours") -> Path:
+    """Writes the backbone in `layout`: "ours" (.safetensors), "meta" (.pth, or .safetensors by
+    suffix) or "hf" (a folder with config.json and model.safetensors, loadable by
+    `DINOv3ViTModel.from_pretrained`)."""
+    return save_flat(model_to_flat(model), model.config, out, layout)
+
+
+def save_flat(flat: dict[str, np.ndarray], cfg: ViTConfig, out: str | Path, layout: str) -> Path:
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    if layout == "ours":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_ours(out, flat, cfg)
+    elif layout == "meta":
+        sd = official.from_ours(flat, cfg)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".safetensors":
+            save_file(sd, str(out))
+        else:
+            try:
+                import torch
+            except ImportError:
+                raise ImportError("writing .pth needs torch; write .safetensors or install [torch]") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, out)
+    elif layout == "hf":
+        hf_config = hf.config_to_hf(cfg)
+        sd = hf.from_ours(flat, cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    else:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {FORMATS}")
+    return out
+
+
+def convert_file(src: str | Path, dst: str | Path, *, to: str, name: str | None = None, expect: str | None = None):
+    """Reads any layout, checks it strictly against the model, and writes `to`. Returns the config."""
+    src = Path(src)
+    layout, sd, found = read_weights(src)
+    if expect is not None and expect != layout:
+        raise WeightsError(f"{src} is in the {layout!r} layout, not {expect!r}")
+    cfg = resolve_config(name, found, src)
+    flat, cfg = to_ours(layout, sd, cfg)
+    from dinov3_jax.convert.ours import check_flat
+
+    check_flat(flat, cfg, str(src))
+    save_flat(flat, cfg, dst, to)
+    return cfg
