@@ -1,0 +1,66 @@
+"""The `dinov3-jax` command line: `convert`, `features`, `models`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dinov3_jax.weights import FORMATS
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from dinov3_jax.weights import convert_file
+
+    cfg = convert_file(args.input, args.output, to=args.to, name=args.model, expect=args.source)
+    print(f"wrote {args.output} ({args.to} layout; {cfg.depth} blocks, width {cfg.embed_dim})")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from dinov3_jax.models.registry import MODELS
+
+    print(f"{'name':26} {'width':>5} {'depth':>5} {'heads':>5} {'ffn':>9} {'params':>14}  norm")
+    for name, spec in MODELS.items():
+        c = spec.config
+        params = f"{spec.n_params:,}" if spec.n_params else "-"
+        print(f"{name:26} {c.embed_dim:5} {c.depth:5} {c.num_heads:5} {c.ffn_layer:>9} {params:>14}  {spec.normalization}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinov3-jax", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convert", help="convert backbone weights between the official, HF and our layouts")
+    conv.add_argument("--from", dest="source", choices=FORMATS, help="layout of IN (checked; detected if omitted)")
+    conv.add_argument("--to", choices=FORMATS, required=True, help="layout to write")
+    conv.add_argument("--model", help="registry name; read from the file (or its name) when omitted")
+    conv.add_argument("input", metavar="IN", help=".pth, .safetensors, or an HF model folder")
+    conv.add_argument("output", metavar="OUT", help="file to write (a folder for --to hf)")
+    conv.set_defaults(run=_convert)
+
+    from dinov3_jax import features
+
+    feats = sub.add_parser("features", help="extract CLS / register / patch features from images")
+    features.add_arguments(feats)
+    feats.set_defaults(run=features.run)
+
+    models = sub.add_parser("models", help="list the known backbones")
+    models.set_defaults(run=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"dinov3-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
