@@ -75,6 +75,8 @@ def to_ours(sd: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.ndarra
     for name, hf_name in _TOP_RENAMES.items():
         if hf_name in sd:
             ours[name] = take(hf_name)
+    if "storage_tokens" in ours and ours["storage_tokens"].shape[1] == 0:
+        del ours["storage_tokens"]  # HF keeps a [1, 0, D] tensor when there are no registers
     if "embeddings.mask_token" in sd:
         ours["mask_token"] = take("embeddings.mask_token").reshape(1, -1)
     if "embeddings.patch_embeddings.weight" in sd:
@@ -137,6 +139,8 @@ def from_ours(flat: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.nd
                 sd[hf + hf_name] = value.T if rest.endswith("kernel") else value
         else:
             raise WeightsError(f"no HF name for {name}")
+    if not cfg.n_storage_tokens:
+        sd["embeddings.register_tokens"] = np.zeros((1, 0, d), np.float32)
     if cfg.layerscale_init is None:
         for i in range(cfg.depth):
             for j in (1, 2):

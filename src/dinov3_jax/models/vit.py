@@ -69,6 +69,7 @@ class DinoVisionTransformer(nnx.Module):
             raise ValueError(
                 f"expected NHWC images with {self.config.in_chans} channels, got shape {tuple(x_bhwc.shape)}"
             )
+        self.patch_grid(x_bhwc.shape[1:3])
         dtype = resolve_dtype(self.config.dtype)
         patches = self.patch_embed(x_bhwc.astype(dtype))
         b, h, w, d = patches.shape
@@ -102,8 +103,8 @@ class DinoVisionTransformer(nnx.Module):
         drop = training and cfg.drop_path_rate > 0
         if (augment_rope or drop) and key is None:
             raise ValueError("training with drop path or RoPE augmentation needs a PRNG `key`")
-        h, w = self.patch_grid(x_bhwc.shape[1:3])
         x = self.prepare_tokens_with_masks(x_bhwc, masks)
+        h, w = self.patch_grid(x_bhwc.shape[1:3])
         keys = jax.random.split(key, (cfg.depth, 3)) if (augment_rope or drop) else None
         shared_rope = None if augment_rope else rope_sin_cos(cfg, h, w)
         collected = []
