@@ -202,5 +202,5 @@ def test_input_errors_name_the_problem():
         model.get_intermediate_layers(X, n=[0, 3])
     with pytest.raises(ValueError, match="head dim 10 is not divisible by 4"):
         ViTConfig(embed_dim=40, num_heads=4)
-    with pytest.raises(ValueError, match="unknown dtype 'half'"):
+    with pytest.raises(ValueError, match="dtype 'half' is not one of"):
         create_backbone("dinov3_vit_tiny", dtype="half")
