@@ -40,6 +40,24 @@ def test_bf16_rope_periods_are_the_released_values():
     np.testing.assert_allclose(fp32, 100.0 ** (np.arange(16) * 4 / 64), rtol=1e-6)
 
 
+def test_bf16_rope_rotates_in_bf16_and_rounds_the_prefix():
+    """Official bf16 RoPE: q/k cast to bf16, patches rotated, everything cast back to fp32."""
+    from dinov3_jax.models.layers import apply_rope, rope_sin_cos
+
+    cfg = MODELS["dinov3_vit_tiny"].config.replace(pos_embed_rope_dtype="bf16")
+    sin, cos = rope_sin_cos(cfg, 2, 3)
+    assert sin.dtype == jnp.bfloat16
+    q = np.random.default_rng(0).standard_normal((1, 4, 5 + 6, 16)).astype(np.float32)
+    out = np.asarray(apply_rope(jnp.asarray(q), sin, cos))
+    assert out.dtype == np.float32
+    q16 = q.astype(jnp.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(out[:, :, :5], q16[:, :, :5])
+    s, c = np.asarray(sin, np.float32), np.asarray(cos, np.float32)
+    p = q16[:, :, 5:]
+    rotated = p * c + np.concatenate([-p[..., 8:], p[..., :8]], axis=-1) * s
+    np.testing.assert_allclose(out[:, :, 5:], rotated, rtol=2e-2, atol=2e-2)
+
+
 def test_min_max_periods_and_coordinate_modes():
     cfg = ViTConfig(embed_dim=64, num_heads=2, depth=1, pos_embed_rope_base=None,
                     pos_embed_rope_min_period=0.5, pos_embed_rope_max_period=64.0)  # fmt: skip

@@ -169,13 +169,15 @@ def rope_sin_cos(cfg: ViTConfig, h: int, w: int, key: Array | None = None) -> tu
 
 def apply_rope(x_bhnd: Array, sin: Array, cos: Array) -> Array:
     """Rotates the last h·w tokens (the patches) in NeoX half layout; CLS and registers untouched."""
+    # The official model casts all of q / k to the RoPE dtype and back (RECIPE.md §1.3), so with
+    # bf16 RoPE even the prefix tokens are rounded.
+    dtype = x_bhnd.dtype
+    x_bhnd = x_bhnd.astype(sin.dtype)
     n_patches = sin.shape[0]
     prefix, patches = x_bhnd[..., :-n_patches, :], x_bhnd[..., -n_patches:, :]
-    dtype = x_bhnd.dtype
-    patches = patches.astype(sin.dtype)
     x1, x2 = jnp.split(patches, 2, axis=-1)
     rotated = patches * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
-    return jnp.concatenate([prefix, rotated.astype(dtype)], axis=-2)
+    return jnp.concatenate([prefix, rotated], axis=-2).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------
