@@ -17,7 +17,6 @@ from dinov3_jax.convert.ours import model_to_flat
 from dinov3_jax.models.config import default_rope_periods
 
 
-
 @functools.cache
 def tiny():
     """A tiny model with every released option and randomised (non-default) weights."""
@@ -83,7 +82,10 @@ def test_cli_convert(src, dst, tmp_path):
     names = {"meta": "a.pth", "hf": "a_hf", "ours": "a.safetensors"}
     save_backbone(tiny(), tmp_path / names[src], src)
     out = tmp_path / ("out_" + names[dst])
-    assert cli(["convert", "--from", src, "--to", dst, "--model", "dinov3_vit_tiny", str(tmp_path / names[src]), str(out)]) == 0
+    assert (
+        cli(["convert", "--from", src, "--to", dst, "--model", "dinov3_vit_tiny", str(tmp_path / names[src]), str(out)])
+        == 0
+    )
     assert_same_weights(tiny(), load_backbone("dinov3_vit_tiny", out))
 
 
@@ -182,10 +184,10 @@ def test_architecture_from_official_file_name(tmp_path):
 
 
 def test_missing_file_and_unknown_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
         load_backbone("dinov3_vit_tiny", tmp_path / "nope.pth")
     with pytest.raises(ValueError, match="did you mean dinov3_vits16"):
         load_backbone("dinov3_vits17")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(WeightsError, match="junk.safetensors: not a readable safetensors file"):
+    with pytest.raises(WeightsError, match=r"junk\.safetensors: not a readable safetensors file"):
         load_backbone("dinov3_vit_tiny", tmp_path / "junk.safetensors")

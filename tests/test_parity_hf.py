@@ -174,8 +174,10 @@ def test_official_layout_import_matches(case, tmp_path):
     out = model.forward_features(nhwc(x), jnp.asarray(masks))
     np.testing.assert_allclose(model(nhwc(x)), ref.pooler_output.numpy(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(
-        out["x_norm_patchtokens"], ref_masked.last_hidden_state.numpy()[:, 1 + model.config.n_storage_tokens :],
-        atol=1e-5, rtol=1e-5,
+        out["x_norm_patchtokens"],
+        ref_masked.last_hidden_state.numpy()[:, 1 + model.config.n_storage_tokens :],
+        atol=1e-5,
+        rtol=1e-5,
     )
 
 

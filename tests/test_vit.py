@@ -26,8 +26,16 @@ def test_released_parameter_counts(name):
 
 
 def test_swiglu_widths_follow_the_official_rounding():
-    widths = {n: MODELS[n].config.ffn_hidden for n in ("dinov3_vits16plus", "dinov3_vitl16plus", "dinov3_vith16plus", "dinov3_vit7b16")}
-    assert widths == {"dinov3_vits16plus": 1536, "dinov3_vitl16plus": 4096, "dinov3_vith16plus": 5120, "dinov3_vit7b16": 8192}
+    widths = {
+        n: MODELS[n].config.ffn_hidden
+        for n in ("dinov3_vits16plus", "dinov3_vitl16plus", "dinov3_vith16plus", "dinov3_vit7b16")
+    }
+    assert widths == {
+        "dinov3_vits16plus": 1536,
+        "dinov3_vitl16plus": 4096,
+        "dinov3_vith16plus": 5120,
+        "dinov3_vit7b16": 8192,
+    }
 
 
 def test_bf16_rope_periods_are_the_released_values():

@@ -24,7 +24,9 @@ def _models(args: argparse.Namespace) -> int:
     for name, spec in MODELS.items():
         c = spec.config
         params = f"{spec.n_params:,}" if spec.n_params else "-"
-        print(f"{name:26} {c.embed_dim:5} {c.depth:5} {c.num_heads:5} {c.ffn_layer:>9} {params:>14}  {spec.normalization}")
+        print(
+            f"{name:26} {c.embed_dim:5} {c.depth:5} {c.num_heads:5} {c.ffn_layer:>9} {params:>14}  {spec.normalization}"
+        )
     return 0
 
 

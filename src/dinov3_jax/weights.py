@@ -69,7 +69,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (not a dict)
     except Exception as err:
         raise WeightsError(f"{path}: not a readable safetensors file ({err})") from err
 

@@ -206,7 +206,9 @@ def config_from_hf(hf: Mapping[str, Any]) -> ViTConfig:
     norm = {1e-5: "layernormbf16", 1e-6: "layernorm"}.get(eps)
     if norm is None:
         raise WeightsError(f"layer_norm_eps {eps} matches no DINOv3 norm (1e-5 or 1e-6)")
-    q_bias, k_bias, v_bias = (bool(hf.get(n, d)) for n, d in (("query_bias", True), ("key_bias", False), ("value_bias", True)))
+    q_bias, k_bias, v_bias = (
+        bool(hf.get(n, d)) for n, d in (("query_bias", True), ("key_bias", False), ("value_bias", True))
+    )
     if q_bias != v_bias or (k_bias and not q_bias):
         raise WeightsError(f"query/key/value bias {q_bias}/{k_bias}/{v_bias} has no fused-qkv equivalent")
     hidden, inter = int(hf.get("hidden_size", 384)), int(hf.get("intermediate_size", 1536))

@@ -59,7 +59,9 @@ def check_flat(flat: Mapping[str, np.ndarray], cfg: ViTConfig, source: str) -> N
         lines = [f"weights from {source} do not fit the model:"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:40]) + (" ..." if len(items) > 40 else ""))
+                lines.append(
+                    f"  {title} ({len(items)}): " + ", ".join(items[:40]) + (" ..." if len(items) > 40 else "")
+                )
         raise WeightsError("\n".join(lines))
 
 
