@@ -1,0 +1,74 @@
+"""Resumable training checkpoints: an orbax CheckpointManager (asynchronous, atomic, keeps the
+last N) holding the train state (student, teacher, optimizer, centres, step, RNG key), the data
+iterator state of this host, and the resolved config.
+
+Restoring always goes into an abstract target that carries the shardings of the current mesh, so a
+run can resume on a different device layout.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _encode_iterator_state(state: Any) -> Any:
+    # grain iterator states are JSON-able dicts or bytes depending on the iterator kind.
+    if isinstance(state, bytes):
+        return {"__bytes__": base64.b64encode(state).decode("ascii")}
+    return state
+
+
+def _decode_iterator_state(state: Any) -> Any:
+    if isinstance(state, dict) and set(state) == {"__bytes__"}:
+        return base64.b64decode(state["__bytes__"])
+    return state
+
+
+class Checkpointer:
+    """Thin wrapper so the trainer reads as `save(step, state, data_state)` / `restore(...)`."""
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, data_state: Any, config_yaml: str) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave({f"process_{jax.process_index()}": _encode_iterator_state(data_state)}),
+                meta=ocp.args.JsonSave({"step": int(step), "config": config_yaml}),
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, like_state: dict) -> tuple[dict, Any]:
+        """The state at `step`, placed like `like_state` (arrays or ShapeDtypeStructs with shardings),
+        and this host's data-iterator state."""
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like_state
+        )
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()),
+        )
+        data = restored.data.get(f"process_{jax.process_index()}")
+        return restored.state, _decode_iterator_state(data)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
