@@ -1,0 +1,1 @@
+"""Input pipelines: image discovery, decoding and evaluation preprocessing."""
