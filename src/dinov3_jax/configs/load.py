@@ -1,0 +1,617 @@
+"""Loading, checking and writing training configurations (STYLE.md §4).
+
+Merge order: dataclass defaults ← YAML file ← `key=value` dotted overrides. Every value is checked
+against its field's type (ints promote to floats, lists become tuples, `None` only where the field is
+optional, choices where the field is a `Literal`); unknown keys are a `ConfigError` naming the full
+dotted path with close matches, in files and overrides alike. Impossible values are rejected before
+anything compiles (`validate`); what depends on the device count is checked by
+`validate_for_devices`. Official keys that have no effect here are accepted with a one-line warning
+when they are given a non-default value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib.resources
+import logging
+import math
+import re
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from dinov3_jax.configs.schema import (
+    CONDITIONAL_NO_EFFECT_KEYS,
+    LEGACY_KEYS,
+    NO_EFFECT_KEYS,
+    V1_SCHEDULE_KEYS,
+    Config,
+    ConfigError,
+    ScheduleEntry,
+    global_batch_size,
+    mesh_shape,
+    student_vit_config,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RECIPE = "tiny_cpu"
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in recipes.
+# --------------------------------------------------------------------------------------------
+
+
+def _recipes_dir():
+    return importlib.resources.files("dinov3_jax.configs").joinpath("recipes")
+
+
+def list_recipes() -> list[str]:
+    """Names of the built-in recipes (`src/dinov3_jax/configs/recipes/*.yaml`)."""
+    return sorted(p.name[: -len(".yaml")] for p in _recipes_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_source(path_or_name: str) -> tuple[str, str]:
+    """(text, label) of an existing YAML file, or of a built-in recipe given by its bare name."""
+    path = Path(path_or_name).expanduser()
+    if path.is_file():
+        return path.read_text(), str(path)
+    if "/" in path_or_name or "\\" in path_or_name:
+        raise ConfigError(f"config file {path_or_name!r} does not exist")
+    stem = re.sub(r"\.ya?ml$", "", path_or_name)
+    recipe = _recipes_dir().joinpath(f"{stem}.yaml")
+    if recipe.is_file():
+        return recipe.read_text(), f"built-in recipe {stem}"
+    names = list_recipes()
+    close = difflib.get_close_matches(stem, names, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ConfigError(
+        f"no config file or built-in recipe named {path_or_name!r}{hint}; built-in recipes: {', '.join(names)}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Typed merge.
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if _is_union(tp):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} values"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if tp is Any:
+        return "any value"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _strip_optional(tp):
+    """The dataclass type inside `X | None`, or None when the type is not (optionally) a dataclass."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if _is_union(tp):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            return inner[0]
+    return None
+
+
+def _freeze(value):
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _freeze(v) for k, v in value.items()}
+    return value
+
+
+class _Context:
+    """Where values come from (for messages), legacy keys met, and the leaf keys that were set."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.legacy: list[str] = []
+        self.touched: list[str] = []
+
+
+def _coerce(value, tp, path: str, ctx: _Context):
+    """`value` converted to the field type `tp`, or a ConfigError naming `path`."""
+
+    def fail(extra: str = ""):
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}{extra} ({ctx.source})")
+
+    if tp is Any:
+        return _freeze(value)
+    if _is_union(tp):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            fail()
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path, ctx)
+            except ConfigError:
+                continue
+        fail()
+    if value is None:
+        fail(" (this key may not be null)")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        fail(f" (did you mean {close[0]!r}?)" if close else "")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return _merge(tp(), value, path, ctx)
+        fail()
+    if origin is tuple:
+        variadic_numbers = len(args) == 2 and args[1] is Ellipsis and args[0] in (int, float)
+        if variadic_numbers and isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]  # a scalar where a list of scalars is expected: a list of one (runtime.knn_k=20)
+        if not isinstance(value, list | tuple):
+            fail()
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}[{i}]", ctx) for i, v in enumerate(value))
+        if len(value) != len(args):
+            fail(f" ({len(value)} values)")
+        return tuple(_coerce(v, a, f"{path}[{i}]", ctx) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        fail()
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads `1e-3` (no dot) as a string; accept numbers written that way.
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
+        fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        fail()
+    raise TypeError(f"{path}: unsupported field type {tp!r}")  # a bug in the schema, not in the input
+
+
+def _unknown_key(cls, key: str, path: str, ctx: _Context) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    prefix = f"{path}." if path else ""
+    if close:
+        hint = " (did you mean " + ", ".join(f"{prefix}{c}" for c in close) + "?)"
+    else:
+        # Maybe the key exists in another section (e.g. optim.teacher_temp → teacher.teacher_temp).
+        elsewhere = [p for p in _all_keys() if p.rsplit(".", 1)[-1] == key]
+        elsewhere = elsewhere or difflib.get_close_matches(f"{prefix}{key}", _all_keys(), n=3, cutoff=0.75)
+        hint = f" (did you mean {', '.join(elsewhere)}?)" if elsewhere else ""
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint} ({ctx.source})")
+
+
+def _is_legacy(full: str) -> bool:
+    if full in LEGACY_KEYS:
+        return True
+    parts = full.split(".")
+    return any(".".join(parts[:i]) + ".*" in LEGACY_KEYS for i in range(1, len(parts) + 1))
+
+
+def _merge(current, raw, path: str, ctx: _Context):
+    """A copy of the dataclass instance `current` with the (nested) values of the mapping `raw`."""
+    cls = type(current)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {raw!r} ({ctx.source})")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    changes = {}
+    for key, value in raw.items():
+        key = str(key)
+        full = f"{path}.{key}" if path else key
+        if key not in names:
+            if _is_legacy(full):
+                ctx.legacy.append(full)
+                continue
+            raise _unknown_key(cls, key, path, ctx)
+        tp = hints[key]
+        sub = _strip_optional(tp)
+        if sub is not None and isinstance(value, dict):
+            base = getattr(current, key)
+            changes[key] = _merge(base if base is not None else sub(), value, full, ctx)
+        else:
+            changes[key] = _coerce(value, tp, full, ctx)
+            ctx.touched.append(full)
+    return dataclasses.replace(current, **changes)
+
+
+def _parse_override(item: str, ctx: _Context) -> dict:
+    """`a.b.c=value` → {"a": {"b": {"c": value}}}, the value parsed as a YAML scalar or flow list."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.0005)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {text!r} of override {item!r}: {e}") from None
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path_or_name: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults ← YAML (a file path, or a built-in recipe name; None = `tiny_cpu`) ← overrides."""
+    text, label = _read_source(DEFAULT_RECIPE if path_or_name is None else str(path_or_name))
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse {label}: {e}") from None
+    return config_from_dict(raw or {}, overrides, source=label)
+
+
+def config_from_dict(data: dict, overrides: Sequence[str] = (), *, source: str = "dict") -> Config:
+    """Defaults ← the nested mapping `data` (the content of a YAML file) ← overrides."""
+    ctx = _Context(source)
+    cfg = _merge(Config(), data, "", ctx)
+    return _overrides_and_finish(cfg, overrides, ctx)
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """`cfg` with `key=value` dotted overrides applied, then checked."""
+    return _overrides_and_finish(cfg, overrides, _Context("override"))
+
+
+def _overrides_and_finish(cfg: Config, overrides: Iterable[str], ctx: _Context) -> Config:
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a list of 'key=value' strings, not a single string")
+    for item in overrides:
+        ctx.source = f"override {item!r}"
+        cfg = _merge(cfg, _parse_override(item, ctx), "", ctx)
+    validate(cfg)
+    _warn_no_effect(cfg, ctx)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The nested plain-Python mapping of the config (tuples as lists), as written to YAML."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The full resolved config as YAML; `load_config` of this text gives `cfg` back."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False, width=120)
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    """The value at a dotted key, e.g. get_key(cfg, "optim.lr")."""
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+@functools.cache
+def _all_keys() -> tuple[str, ...]:
+    """Every dotted leaf key of the schema (nested dataclasses expanded, optional ones included)."""
+    out = []
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            sub = _strip_optional(_hints(cls)[f.name])
+            if sub is not None:
+                walk(sub, f"{prefix}{f.name}.")
+            else:
+                out.append(f"{prefix}{f.name}")
+
+    walk(Config, "")
+    return tuple(out)
+
+
+def _warn_no_effect(cfg: Config, ctx: _Context) -> None:
+    default = Config()
+    seen = set()
+    for key in ctx.touched:
+        if key in seen:
+            continue
+        seen.add(key)
+        if key in NO_EFFECT_KEYS:
+            hint = NO_EFFECT_KEYS[key]
+        elif key in CONDITIONAL_NO_EFFECT_KEYS:
+            switch, off_when = CONDITIONAL_NO_EFFECT_KEYS[key]
+            if getattr(cfg.compat, switch) != off_when:
+                continue
+            hint = f"as upstream; set compat.{switch}={str(not off_when).lower()} to honour it"
+        elif key in V1_SCHEDULE_KEYS and cfg.schedules is not None:
+            if get_key(cfg, key) is None:
+                continue
+            warn_value = get_key(cfg, key)
+            log.warning("config key %s=%r has no effect: the schedules section (v2) replaces it", key, warn_value)
+            continue
+        else:
+            continue
+        value = get_key(cfg, key)
+        if value is not None and value != get_key(default, key):
+            log.warning("config key %s=%r has no effect in dinov3-jax%s", key, value, f" ({hint})" if hint else "")
+    ragged = [size for size in _sizes(cfg.crops.local_crops_size) if size % max(cfg.student.patch_size, 1)]
+    if ragged and {"crops.local_crops_size", "student.patch_size"} & seen:
+        log.warning(
+            "crops.local_crops_size %s not a multiple of student.patch_size %d: the patch embedding drops the "
+            "remainder pixels, as upstream (the official high-resolution stage does this with 168 px)",
+            ragged,
+            cfg.student.patch_size,
+        )
+    if ctx.legacy:
+        log.warning(
+            "ignoring %d keys of older official recipes, which have no effect: %s",
+            len(ctx.legacy),
+            ", ".join(sorted(set(ctx.legacy))),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation.
+# --------------------------------------------------------------------------------------------
+
+
+def _sizes(value) -> tuple:
+    return tuple(value) if isinstance(value, tuple) else (value,)
+
+
+def validate(cfg: Config) -> None:
+    """Raises one ConfigError listing every impossible value, each line naming its key."""
+    problems: list[str] = []
+
+    def err(key: str, msg: str):
+        problems.append(f"{key}: {msg}")
+
+    def at_least(key: str, lo: float):
+        value = get_key(cfg, key)
+        if value is not None and value < lo:
+            err(key, f"must be ≥ {lo}, got {value}")
+
+    def in_range(key: str, lo: float, hi: float, value=None):
+        value = get_key(cfg, key) if value is None else value
+        if value is not None and not lo <= value <= hi:
+            err(key, f"must be in [{lo}, {hi}], got {value}")
+
+    # Backbone (the arch name and the ViTConfig checks).
+    try:
+        student_vit_config(cfg)
+    except ConfigError as e:
+        problems.append(str(e))
+    s = cfg.student
+    at_least("student.patch_size", 1)
+    at_least("student.n_storage_tokens", 0)
+    at_least("student.in_chans", 1)
+    at_least("student.layerscale", 0)
+
+    # Crops: sizes are multiples of the patch size; multi-resolution lists agree.
+    c = cfg.crops
+    patch = max(s.patch_size, 1)
+    n_res = 1
+    for key in ("crops.global_crops_size", "crops.local_crops_size", "crops.gram_teacher_crops_size"):
+        value = get_key(cfg, key)
+        if value is None:
+            continue
+        sizes = _sizes(value)
+        if not sizes:
+            err(key, "is an empty list")
+        for size in sizes:
+            if size < 1:
+                err(key, f"crop sizes must be positive, got {size}")
+            elif size % patch and key != "crops.local_crops_size":
+                # (Local crops may floor, as in the official high-res stage: see _warn_no_effect.)
+                err(key, f"{size} is not a multiple of student.patch_size {s.patch_size}")
+        if len(sizes) > 1:
+            if n_res > 1 and len(sizes) != n_res:
+                err(key, f"has {len(sizes)} resolutions, another crop size list has {n_res}")
+            n_res = max(n_res, len(sizes))
+    ratios = _sizes(c.global_local_crop_pairs_ratios)
+    if n_res > 1 and len(ratios) != n_res:
+        err("crops.global_local_crop_pairs_ratios", f"needs one probability per resolution ({n_res}), got {ratios}")
+    if any(r < 0 for r in ratios) or (len(ratios) > 1 and not math.isclose(sum(ratios), 1.0, rel_tol=1e-6)):
+        err("crops.global_local_crop_pairs_ratios", f"must be probabilities summing to 1, got {ratios}")
+    for key in ("crops.global_crops_scale", "crops.local_crops_scale"):
+        lo, hi = get_key(cfg, key)
+        if not 0 < lo <= hi <= 1:
+            err(key, f"must satisfy 0 < min ≤ max ≤ 1, got {[lo, hi]}")
+    at_least("crops.local_crops_number", 0)
+    if any(v <= 0 for v in c.rgb_std):
+        err("crops.rgb_std", f"must be positive, got {c.rgb_std}")
+
+    # Masking and heads.
+    lo, hi = cfg.ibot.mask_ratio_min_max
+    if not (0 <= lo <= 1 and 0 <= hi <= 1):
+        err("ibot.mask_ratio_min_max", f"ratios must be in [0, 1], got {[lo, hi]}")
+    elif lo > hi:
+        err("ibot.mask_ratio_min_max", f"min > max: {[lo, hi]}")
+    in_range("ibot.mask_sample_probability", 0, 1)
+    if not cfg.ibot.separate_head:
+        err("ibot.separate_head", "must be true (DINOv3 always uses separate DINO and iBOT heads)")
+    for head in ("dino", "ibot"):
+        for key, lo_ in (
+            ("head_n_prototypes", 1),
+            ("head_bottleneck_dim", 1),
+            ("head_hidden_dim", 1),
+            ("head_nlayers", 1),
+        ):
+            at_least(f"{head}.{key}", lo_)
+        at_least(f"{head}.loss_weight", 0)
+    at_least("dino.koleo_loss_weight", 0)
+    at_least("dino.koleo_distributed_loss_group_size", 1)
+    if cfg.dino.koleo_loss_weight > 0 and not cfg.dino.koleo_loss_distributed and cfg.train.batch_size_per_gpu < 2:
+        err("train.batch_size_per_gpu", "KoLeo needs at least 2 images per device (or dino.koleo_loss_weight=0)")
+
+    # Gram.
+    at_least("gram.loss_weight", 0)
+    at_least("gram.update_frequency", 1)
+    at_least("gram.it_first_update", 0)
+    at_least("gram.max_updates", 0)
+    at_least("gram.it_load_ema_teacher", -1)
+
+    # Length, batch, optimizer.
+    at_least("train.batch_size_per_gpu", 1)
+    at_least("train.OFFICIAL_EPOCH_LENGTH", 1)
+    at_least("train.seed", 0)
+    at_least("optim.epochs", 1)
+    at_least("optim.clip_grad", 0)
+    at_least("optim.patch_embed_lr_mult", 0)
+    if not 0 < cfg.optim.layerwise_decay <= 1:
+        err("optim.layerwise_decay", f"must be in (0, 1], got {cfg.optim.layerwise_decay}")
+    for key in ("optim.adamw_beta1", "optim.adamw_beta2"):
+        value = get_key(cfg, key)
+        if not 0 <= value < 1:
+            err(key, f"must be in [0, 1), got {value}")
+    epochs = cfg.optim.epochs
+
+    # Schedules: v1 keys, or the v2 section.
+    if cfg.schedules is None:
+        for key in V1_SCHEDULE_KEYS:
+            if get_key(cfg, key) is None:
+                err(key, "is null, which is only allowed when the schedules section (v2) is set")
+        for key in ("optim.lr", "optim.min_lr", "optim.weight_decay", "optim.weight_decay_end"):
+            at_least(key, 0)
+        for key in ("optim.warmup_epochs", "optim.freeze_last_layer_epochs", "teacher.warmup_teacher_temp_epochs"):
+            in_range(key, 0, epochs)
+        in_range("teacher.momentum_teacher", 0, 1)
+        in_range("teacher.final_momentum_teacher", 0, 1)
+        for key in ("teacher.teacher_temp", "teacher.warmup_teacher_temp"):
+            value = get_key(cfg, key)
+            if value is not None and value <= 0:
+                err(key, f"must be > 0, got {value}")
+    else:
+        for name in ("lr", "weight_decay", "momentum", "teacher_temp"):
+            entry = getattr(cfg.schedules, name)
+            if entry is None:
+                err(
+                    f"schedules.{name}",
+                    "is missing (a schedules section needs lr, weight_decay, momentum and teacher_temp)",
+                )
+                continue
+            _check_entry(entry, f"schedules.{name}", epochs, err, allow_freeze=name == "lr")
+            values = (entry.start, entry.peak, entry.end)
+            if name == "momentum" and not all(0 <= v <= 1 for v in values):
+                err(f"schedules.{name}", f"momentum values must be in [0, 1], got {values}")
+            elif name == "teacher_temp" and not all(v > 0 for v in values):
+                err(f"schedules.{name}", f"temperatures must be > 0, got {values}")
+            elif name in ("lr", "weight_decay") and not all(v >= 0 for v in values):
+                err(f"schedules.{name}", f"values must be ≥ 0, got {values}")
+    _check_entry(cfg.dino.local_loss_weight_schedule, "dino.local_loss_weight_schedule", epochs, err, False)
+    if cfg.gram.loss_weight_schedule is not None:
+        _check_entry(cfg.gram.loss_weight_schedule, "gram.loss_weight_schedule", epochs, err, False)
+
+    # Checkpoints and evaluation.
+    at_least("checkpointing.period", 1)
+    at_least("checkpointing.max_to_keep", 1)
+    at_least("checkpointing.keep_every", 1)
+    at_least("evaluation.eval_period_iterations", 1)
+
+    # Project sections.
+    if cfg.mesh.data != -1 and cfg.mesh.data < 1:
+        err("mesh.data", f"must be -1 (all devices) or ≥ 1, got {cfg.mesh.data}")
+    at_least("mesh.fsdp", 1)
+    d = cfg.data
+    if d.source in ("folder", "filelist") and not d.path:
+        err("data.path", f"must be set for data.source={d.source}")
+    if d.val_source in ("folder", "filelist") and not d.val_path:
+        err("data.val_path", f"must be set for data.val_source={d.val_source}")
+    at_least("data.num_workers", 0)
+    for key in ("data.num_samples", "data.synthetic_image_size", "data.knn_train_samples", "data.knn_val_samples"):
+        at_least(key, 1)
+    at_least("runtime.log_every_steps", 1)
+    at_least("runtime.knn_every_steps", 0)
+    if not cfg.runtime.knn_k or min(cfg.runtime.knn_k) < 1:
+        err("runtime.knn_k", f"needs at least one k ≥ 1, got {list(cfg.runtime.knn_k)}")
+    at_least("runtime.eval_batch_size", 1)
+    at_least("runtime.max_steps", 1)
+    at_least("runtime.nan_max_consecutive", 0)
+
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_entry(entry: ScheduleEntry, key: str, epochs: int, err, allow_freeze: bool) -> None:
+    if entry.warmup_epochs < 0:
+        err(f"{key}.warmup_epochs", f"must be ≥ 0, got {entry.warmup_epochs}")
+    if entry.cosine_epochs is not None and entry.cosine_epochs < 0:
+        err(f"{key}.cosine_epochs", f"must be ≥ 0, got {entry.cosine_epochs}")
+    span = entry.warmup_epochs + (entry.cosine_epochs or 0)
+    if span > epochs:
+        err(key, f"warmup_epochs + cosine_epochs = {span} exceeds optim.epochs = {epochs}")
+    if entry.freeze_last_layer_epochs:
+        if not allow_freeze:
+            err(f"{key}.freeze_last_layer_epochs", "is only meaningful in schedules.lr")
+        elif not 0 <= entry.freeze_last_layer_epochs <= epochs:
+            err(
+                f"{key}.freeze_last_layer_epochs",
+                f"must be in [0, optim.epochs={epochs}], got {entry.freeze_last_layer_epochs}",
+            )
+
+
+def validate_for_devices(cfg: Config, n_devices: int) -> None:
+    """Checks what depends on the device count (mesh shape, KoLeo groups); raises ConfigError."""
+    if n_devices < 1:
+        raise ConfigError(f"n_devices must be ≥ 1, got {n_devices}")
+    problems = []
+    try:
+        mesh_shape(cfg, n_devices)
+    except ConfigError as e:
+        problems.append(str(e))
+    per_device = cfg.train.batch_size_per_gpu
+    batch = global_batch_size(cfg, n_devices)
+    group = cfg.dino.koleo_distributed_loss_group_size
+    if cfg.dino.koleo_loss_distributed and group is not None and (group % per_device or batch % group):
+        problems.append(
+            f"dino.koleo_distributed_loss_group_size: {group} must be a multiple of train.batch_size_per_gpu "
+            f"({per_device}) and divide the global batch ({batch} on {n_devices} devices)"
+        )
+    if problems:
+        raise ConfigError("config does not fit the devices:\n  " + "\n  ".join(problems))

@@ -1,0 +1,1 @@
+"""DINOv3 pretraining: schedules, optimizer, train step and the trainer (RECIPE.md §5)."""
