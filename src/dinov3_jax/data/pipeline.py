@@ -1,0 +1,316 @@
+"""grain pipelines: the per-host training stream of multi-crop batches and the ordered k-NN eval stream.
+
+Training (per host, docs/training-interfaces.md)::
+
+    range(len(source)) → shuffle(seed) → repeat() → tag stream position → shard (p::P)
+      → load + DataAugmentationDINO (RNG from (seed, epoch, stream position))
+      → batch(B) → collate (crop-major stacking + iBOT masks, RNG from (seed, process, step))
+      → [start_step:] → to_iter_dataset → mp_prefetch (num_workers > 0)
+
+Everything up to ``to_iter_dataset`` is a ``MapDataset``: batch ``t`` is a pure function of
+(seed, process, t), so the output is the same for any ``num_workers`` and the iterator state
+(``get_state()`` / ``set_state()``, a next-index counter) resumes exactly. Unreadable images are
+replaced by the next readable source index and counted in ``batch["n_skipped"]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from dinov3_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, DataAugmentationDINO, to_pil_rgb
+from dinov3_jax.data.masking import MaskingGenerator, collate_masks, max_masked_tokens
+from dinov3_jax.data.sources import ImageSource, UnreadableImage
+
+_SAMPLE_TAG = 0xC20F  # domain separators for the seed sequences
+_MASK_TAG = 0x1B07
+
+
+@dataclass(frozen=True)
+class TrainDataSpec:
+    """Static shapes of one training batch (host-local)."""
+
+    per_host_batch: int
+    global_size: int
+    local_size: int
+    n_local: int
+    patch_size: int
+    n_patches: int
+    max_masked_tokens: int
+    mask_ratio_min_max: tuple[float, float]
+    mask_sample_probability: float
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        b, s, ls = self.per_host_batch, self.global_size, self.local_size
+        return {
+            "global_crops": ((2 * b, s, s, 3), np.float32),
+            "local_crops": ((self.n_local * b, ls, ls, 3), np.float32),
+            "masks": ((2 * b, self.n_patches), np.bool_),
+            "mask_indices": ((self.max_masked_tokens,), np.int32),
+            "mask_weights": ((self.max_masked_tokens,), np.float32),
+            "labels": ((b,), np.int32),
+            "n_skipped": ((), np.int32),
+        }
+
+
+class _TagPosition:
+    """(stream position, source index) pairs."""
+
+    def __call__(self, index: int, src_index: int) -> tuple[int, int]:
+        return int(index), int(src_index)
+
+
+def load_with_skips(source: ImageSource, index: int, max_skips: int) -> tuple[Image.Image | np.ndarray, int, int]:
+    """``source[index]``, or the next readable item (index + 1, ...) when it is unreadable.
+    Returns ``(image, label, n_skipped)``."""
+    n = len(source)
+    for skipped in range(max_skips + 1):
+        try:
+            image, label = source[(index + skipped) % n]
+            return image, int(label), skipped
+        except UnreadableImage:
+            continue
+    raise RuntimeError(f"{max_skips + 1} consecutive unreadable images from source index {index}; is the data corrupt?")
+
+
+class _MakeSample:
+    def __init__(self, source: ImageSource, aug: DataAugmentationDINO, seed: int, max_skips: int):
+        self.source, self.aug, self.seed, self.max_skips = source, aug, seed, max_skips
+        self.n = len(source)
+
+    def __call__(self, item: tuple[int, int]) -> dict[str, Any]:
+        pos, src_index = item
+        rng = np.random.default_rng([self.seed, _SAMPLE_TAG, pos // self.n, pos])
+        image, label, skipped = load_with_skips(self.source, src_index, self.max_skips)
+        crops = self.aug(image, rng)
+        return {
+            "global_crops": crops["global_crops"],
+            "local_crops": crops["local_crops"],
+            "labels": np.int32(label),
+            "n_skipped": np.int32(skipped),
+        }
+
+
+class _Collate:
+    """Stacked samples ``[B, n_crops, ...]`` → crop-major crops and the batch's iBOT masks."""
+
+    def __init__(
+        self, spec: TrainDataSpec, seed: int, process_index: int, min_num_patches: int, max_block_ratio: float
+    ):
+        self.spec, self.seed, self.process_index = spec, seed, process_index
+        g = spec.global_size // spec.patch_size
+        self.generator = MaskingGenerator(
+            (g, g), max_num_patches=int(max_block_ratio * g * g), min_num_patches=min_num_patches
+        )
+
+    def __call__(self, step: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sp = self.spec
+        g, loc = batch["global_crops"], batch["local_crops"]
+        b = g.shape[0]
+        rng = np.random.default_rng([self.seed, _MASK_TAG, self.process_index, int(step)])
+        masks = collate_masks(
+            2 * b,
+            self.generator,
+            rng,
+            mask_ratio_min_max=sp.mask_ratio_min_max,
+            mask_sample_probability=sp.mask_sample_probability,
+            max_tokens=sp.max_masked_tokens,
+        )
+        return {
+            "global_crops": np.ascontiguousarray(g.swapaxes(0, 1)).reshape(2 * b, *g.shape[2:]),
+            "local_crops": np.ascontiguousarray(loc.swapaxes(0, 1)).reshape(loc.shape[1] * b, *loc.shape[2:]),
+            **masks,
+            "labels": batch["labels"].astype(np.int32),
+            "n_skipped": np.int32(batch["n_skipped"].sum()),
+        }
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker start-up reads absl flags; outside ``absl.app`` they are unparsed and the read
+    raises ``UnparsedFlagAccessError`` (google/grain#1355). Mark them parsed (defaults) once."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _cfg_get(cfg: Any, path: str, default: Any = None) -> Any:
+    obj = cfg
+    for part in path.split("."):
+        if obj is None:
+            return default
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+    return default if obj is None else obj
+
+
+def build_train_pipeline(
+    source: ImageSource,
+    *,
+    per_host_batch: int,
+    seed: int | None = None,
+    cfg: Any = None,
+    crops: AugmentConfig | Any = None,
+    patch_size: int | None = None,
+    mask_ratio_min_max: tuple[float, float] | None = None,
+    mask_sample_probability: float | None = None,
+    mask_min_num_patches: int = 4,
+    mask_max_block_ratio: float = 0.5,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int | None = None,
+    num_threads: int = 2,
+    prefetch_buffer_size: int | None = None,
+    start_step: int = 0,
+    max_skips: int = 64,
+    **crop_overrides: Any,
+) -> grain.IterDataset:
+    """The infinite per-host training stream. ``iter(...)`` gives a grain iterator of dicts::
+
+        global_crops [2B, S, S, 3] f32 (crop-major)   local_crops [L·B, s, s, 3] f32 (crop-major)
+        masks [2B, N] bool   mask_indices [M] i32   mask_weights [M] f32   labels [B] i32
+        n_skipped [] i32 (unreadable images replaced in this batch)
+
+    Settings come from ``cfg`` (``train.seed``, ``crops.*``, ``student.patch_size``,
+    ``ibot.mask_ratio_min_max``, ``ibot.mask_sample_probability``, ``data.num_workers``,
+    ``data.prefetch_buffer_size``) unless
+    given explicitly; ``crop_overrides`` are :class:`AugmentConfig` fields. The static shapes are
+    in ``pipeline.spec`` (:class:`TrainDataSpec`). ``start_step`` starts at that batch (the same one
+    an uninterrupted stream yields there); checkpoint resume should use ``set_state`` instead.
+    """
+    if seed is None:
+        seed = int(_cfg_get(cfg, "train.seed", 0))
+    aug_cfg = AugmentConfig.from_any(crops if crops is not None else _cfg_get(cfg, "crops"), **crop_overrides)
+    patch_size = int(patch_size or _cfg_get(cfg, "student.patch_size", 16))
+    mask_ratio_min_max = tuple(mask_ratio_min_max or _cfg_get(cfg, "ibot.mask_ratio_min_max", (0.1, 0.5)))
+    if mask_sample_probability is None:
+        mask_sample_probability = float(_cfg_get(cfg, "ibot.mask_sample_probability", 0.5))
+    if num_workers is None:
+        num_workers = int(_cfg_get(cfg, "data.num_workers", 0))
+    if prefetch_buffer_size is None:
+        prefetch_buffer_size = int(_cfg_get(cfg, "data.prefetch_buffer_size", 2))
+    if per_host_batch <= 0:
+        raise ValueError(f"per_host_batch must be > 0, got {per_host_batch}")
+    if aug_cfg.global_crops_size % patch_size:
+        raise ValueError(
+            f"global crop size {aug_cfg.global_crops_size} is not a multiple of the patch size {patch_size}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+    n = len(source)
+    if n == 0:
+        raise ValueError("the training source is empty")
+
+    grid = aug_cfg.global_crops_size // patch_size
+    n_patches = grid * grid
+    spec = TrainDataSpec(
+        per_host_batch=per_host_batch,
+        global_size=aug_cfg.global_crops_size,
+        local_size=aug_cfg.local_crops_size,
+        n_local=aug_cfg.local_crops_number,
+        patch_size=patch_size,
+        n_patches=n_patches,
+        max_masked_tokens=max_masked_tokens(
+            2 * per_host_batch, n_patches, mask_ratio_min_max[1], mask_sample_probability
+        ),
+        mask_ratio_min_max=(float(mask_ratio_min_max[0]), float(mask_ratio_min_max[1])),
+        mask_sample_probability=float(mask_sample_probability),
+    )
+    aug = DataAugmentationDINO(aug_cfg)
+
+    ds = grain.MapDataset.range(n).shuffle(seed=seed % 2**32).repeat(None)
+    ds = ds.map_with_index(_TagPosition())
+    ds = ds.slice(slice(process_index, None, process_count))
+    ds = ds.map(_MakeSample(source, aug, seed, max_skips))
+    ds = ds.batch(per_host_batch, drop_remainder=True)
+    ds = ds.map_with_index(_Collate(spec, seed, process_index, mask_min_num_patches, mask_max_block_ratio))
+    if start_step:
+        ds = ds.slice(slice(int(start_step), None))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
+    if num_workers > 0:
+        _absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+    it.spec = spec
+    return it
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (k-NN): resize + centre crop + normalise, ordered, last batch padded
+# ---------------------------------------------------------------------------------------------
+
+
+def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize so the shorter side is ``size`` (longer side ``int(size · long / short)``)."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), Image.BICUBIC)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    top = round((h - size) / 2.0)
+    left = round((w - size) / 2.0)
+    return img.crop((left, top, left + size, top + size))
+
+
+class _EvalSample:
+    def __init__(self, source: ImageSource, resolution: int, resize_size: int, mean, std):
+        self.source, self.resolution, self.resize_size = source, resolution, resize_size
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        try:
+            image, label = self.source[int(index)]
+        except UnreadableImage:
+            r = self.resolution
+            return {"images": np.zeros((r, r, 3), np.float32), "labels": np.int32(-1), "valid": np.bool_(False)}
+        img = center_crop(resize_shorter_side(to_pil_rgb(image), self.resize_size), self.resolution)
+        x = (np.asarray(img, np.float32) / np.float32(255.0) - self.mean) / self.std
+        return {"images": x, "labels": np.int32(label), "valid": np.bool_(True)}
+
+
+class _PadBatch:
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def __call__(self, b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pad = self.batch - len(b["labels"])
+        if pad == 0:
+            return b
+        return {
+            "images": np.concatenate([b["images"], np.zeros((pad, *b["images"].shape[1:]), np.float32)]),
+            "labels": np.concatenate([b["labels"], np.full(pad, -1, np.int32)]),
+            "valid": np.concatenate([b["valid"], np.zeros(pad, bool)]),
+        }
+
+
+def build_eval_pipeline(
+    source: ImageSource,
+    resolution: int,
+    batch: int,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    *,
+    resize_size: int | None = None,
+    num_threads: int = 2,
+) -> grain.IterDataset:
+    """Ordered batches ``{"images": [batch, R, R, 3] f32, "labels": [batch] i32, "valid": [batch]
+    bool}`` covering the source once; the last batch is padded (``valid`` False, label -1).
+    The shorter side is resized to ``resize_size`` (default ``resolution · 256 // 224``), then
+    centre-cropped. Unreadable images come back as invalid rows."""
+    if resize_size is None:
+        resize_size = resolution * 256 // 224
+    if len(source) == 0:
+        raise ValueError("the evaluation source is empty")
+    ds = grain.MapDataset.range(len(source)).map(_EvalSample(source, resolution, resize_size, mean, std))
+    ds = ds.batch(batch, drop_remainder=False).map(_PadBatch(batch))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))

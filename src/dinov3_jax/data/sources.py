@@ -1,0 +1,505 @@
+"""Random-access image sources: ``len(src)``, ``src[i] -> (image, label)``, ``num_classes``, ``class_names``.
+
+An image is a PIL RGB image or a uint8 ``[H, W, 3]`` array; the label is an ``int`` (-1 when the
+source has no labels). Sources are cheap to pickle (grain copies them into its worker processes)
+and raise :class:`UnreadableImage` for a file that cannot be decoded, so that the training
+pipeline can skip it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+
+# Where the Debian package `dataset-fashion-mnist` installs the four idx files (gzipped).
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/dataset-fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+class UnreadableImage(Exception):
+    """An image file that exists in the index but cannot be opened or decoded."""
+
+    def __init__(self, path: str | os.PathLike, reason: str = ""):
+        super().__init__(str(path), reason)
+        self.path = str(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"unreadable image {self.path}" + (f": {self.reason}" if self.reason else "")
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+    """What the pipelines need from a data source."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Image.Image | np.ndarray, int]: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def class_names(self) -> Sequence[str]: ...
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode a file into a PIL RGB image (fully loaded), or raise :class:`UnreadableImage`."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(path, f"{type(e).__name__}: {e}") from e
+
+
+def _check_index(index: int, n: int) -> int:
+    index = int(index)
+    if index < 0:
+        index += n
+    if not 0 <= index < n:
+        raise IndexError(f"index {index} out of range for a source of {n} items")
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# Files on disk
+# ---------------------------------------------------------------------------------------------
+
+
+class FolderSource:
+    """All images under ``path`` (recursive, sorted). Labels come from the first-level class
+    subfolders when every image sits inside one (ImageNet layout), else they are -1."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise ValueError(f"image folder {self.root} does not exist or is not a directory")
+        files = sorted(
+            p.relative_to(self.root).as_posix()
+            for p in self.root.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        if not files:
+            raise ValueError(f"no images (extensions {sorted(IMAGE_EXTENSIONS)}) found under {self.root}")
+        self.files = files
+        if all("/" in f for f in files):
+            self._class_names = sorted({f.split("/", 1)[0] for f in files})
+            lookup = {c: i for i, c in enumerate(self._class_names)}
+            self.labels = np.array([lookup[f.split("/", 1)[0]] for f in files], np.int32)
+        else:
+            self._class_names = []
+            self.labels = np.full(len(files), -1, np.int32)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        index = _check_index(index, len(self))
+        return load_image(self.root / self.files[index]), int(self.labels[index])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._class_names)
+
+
+class FileListSource:
+    """A text file with one image path per line, optionally followed by a tab and an int label.
+    Relative paths are resolved against the list file's folder; blank lines and ``#`` comments are
+    ignored."""
+
+    def __init__(self, txt: str | os.PathLike):
+        self.txt = Path(txt)
+        if not self.txt.is_file():
+            raise ValueError(f"file list {self.txt} does not exist")
+        base = self.txt.parent
+        files, labels = [], []
+        for lineno, raw in enumerate(self.txt.read_text().splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "\t" in line:
+                p, lab = line.rsplit("\t", 1)
+                try:
+                    label = int(lab)
+                except ValueError as e:
+                    raise ValueError(f"{self.txt}:{lineno}: label {lab!r} is not an integer") from e
+            else:
+                p, label = line, -1
+            p = p.strip()
+            files.append(str(Path(p) if os.path.isabs(p) else base / p))
+            labels.append(label)
+        if not files:
+            raise ValueError(f"file list {self.txt} lists no images")
+        self.files = files
+        self.labels = np.array(labels, np.int32)
+        n = int(self.labels.max()) + 1 if (self.labels >= 0).any() else 0
+        self._class_names = [str(i) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        index = _check_index(index, len(self))
+        return load_image(self.files[index]), int(self.labels[index])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._class_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST (idx-ubyte files)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an idx-ubyte file (optionally gzipped) into a uint8 array of its declared shape."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise UnreadableImage(path, f"{type(e).__name__}: {e}") from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UnreadableImage(path, "not an unsigned-byte idx file (bad magic)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(data) - header != math.prod(shape):
+        raise UnreadableImage(path, f"size {len(data) - header} does not match shape {shape}")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def find_fashion_mnist() -> Path | None:
+    """The folder of the Debian ``dataset-fashion-mnist`` install (or $FASHION_MNIST_DIR), if any."""
+    candidates = [os.environ.get("FASHION_MNIST_DIR", ""), *FASHION_MNIST_DIRS]
+    for c in candidates:
+        if c and _idx_file(Path(c), "train", "images") is not None:
+            return Path(c)
+    return None
+
+
+def _idx_file(folder: Path, split: str, kind: str) -> Path | None:
+    prefix = "train" if split == "train" else "t10k"
+    stem = f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+class FashionMNISTSource:
+    """Fashion-MNIST from the standard idx-ubyte files (gz or not). ``path=None`` looks for the
+    Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``). Images are
+    returned as uint8 ``[28, 28, 3]`` (grey replicated to RGB). Arrays load lazily, per process."""
+
+    def __init__(self, path: str | os.PathLike | None = None, split: str = "train"):
+        if split not in ("train", "test"):
+            raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+        if path is None:
+            found = find_fashion_mnist()
+            if found is None:
+                raise FileNotFoundError(
+                    "Fashion-MNIST not found in "
+                    + ", ".join(FASHION_MNIST_DIRS)
+                    + "; install it with `apt-get install dataset-fashion-mnist` or pass the folder holding the idx files"
+                )
+            path = found
+        self.root = Path(path)
+        self.split = split
+        self.images_file = _idx_file(self.root, split, "images")
+        self.labels_file = _idx_file(self.root, split, "labels")
+        if self.images_file is None or self.labels_file is None:
+            raise ValueError(f"no Fashion-MNIST {split} idx files (images and labels) in {self.root}")
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+        self._len = len(self._load()[1])
+        if self._len == 0:
+            raise ValueError(f"Fashion-MNIST {split} files in {self.root} hold no images")
+
+    def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            images, labels = read_idx(self.images_file), read_idx(self.labels_file)
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                raise ValueError(f"inconsistent Fashion-MNIST files {self.images_file}, {self.labels_file}")
+            self._arrays = (images, labels)
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_arrays"} | {"_arrays": None}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        index = _check_index(index, len(self))
+        images, labels = self._load()
+        return np.repeat(images[index][:, :, None], 3, axis=2), int(labels[index])
+
+    @property
+    def num_classes(self) -> int:
+        return len(FASHION_MNIST_CLASSES)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(FASHION_MNIST_CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic shapes (procedural, labelled, with segmentation masks)
+# ---------------------------------------------------------------------------------------------
+
+SYNTHETIC_CLASSES = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "stripes",
+    "checker",
+    "ellipse",
+    "arrow",
+)
+_SPLIT_IDS = {"train": 0, "val": 1, "test": 1}
+
+
+def _polygon(name: str) -> np.ndarray:
+    """Vertices in the unit shape frame (roughly inside the unit disc)."""
+    if name == "triangle":
+        a = np.deg2rad([90, 210, 330])
+        return np.stack([np.cos(a), np.sin(a)], 1)
+    if name == "star":
+        a = np.deg2rad(90 + 36 * np.arange(10))
+        r = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
+        return np.stack([r * np.cos(a), r * np.sin(a)], 1)
+    if name == "arrow":
+        return np.array(
+            [[1.0, 0.0], [0.1, 0.65], [0.1, 0.25], [-0.95, 0.25], [-0.95, -0.25], [0.1, -0.25], [0.1, -0.65]]
+        )
+    raise KeyError(name)
+
+
+class SyntheticSource:
+    """Procedurally generated labelled images of 10 shape classes (``SYNTHETIC_CLASSES``).
+
+    Class identity is the shape only: colours, scale, rotation, position and a textured noisy
+    background are random, so k-NN on raw pixels does poorly while the task is easy for a model
+    that learned shapes. Item ``i`` is a pure function of ``(seed, split, i)``; labels are
+    ``i % num_classes`` (balanced; the first ``num_classes`` shapes, at most 10). ``get_mask(i)`` gives the per-pixel mask (0 background, label+1 on the
+    shape) for segmentation probes."""
+
+    def __init__(
+        self, num_samples: int = 1000, image_size: int = 64, seed: int = 0, split: str = "train", num_classes: int = 10
+    ):
+        if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
+            raise ValueError(f"SyntheticSource supports 1..{len(SYNTHETIC_CLASSES)} classes, got {num_classes}")
+        self._num_classes = int(num_classes)
+        if num_samples <= 0:
+            raise ValueError(f"SyntheticSource needs num_samples > 0, got {num_samples}")
+        if image_size < 8:
+            raise ValueError(f"SyntheticSource needs image_size >= 8, got {image_size}")
+        if split not in _SPLIT_IDS:
+            raise ValueError(f"unknown split {split!r}; use one of {sorted(_SPLIT_IDS)}")
+        self.num_samples = int(num_samples)
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(SYNTHETIC_CLASSES[: self._num_classes])
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        image, _, label = self.render(index)
+        return image, label
+
+    def get_mask(self, index: int) -> np.ndarray:
+        """uint8 ``[H, W]``: 0 on the background, ``label + 1`` on the shape."""
+        _, mask, label = self.render(index)
+        return np.where(mask, label + 1, 0).astype(np.uint8)
+
+    def render(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """``(image uint8 [H, W, 3], foreground bool [H, W], label)`` for item ``index``."""
+        index = _check_index(index, len(self))
+        label = index % self._num_classes
+        rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index, 0x5EED])
+        s = self.image_size
+        background = self._background(rng, s)
+        name = SYNTHETIC_CLASSES[label]
+        # Shape frame: centre, radius (in pixels), rotation.
+        radius = rng.uniform(0.18, 0.36) * s
+        margin = radius * 1.05
+        cx, cy = rng.uniform(margin, s - margin, size=2)
+        theta = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+        dx, dy = (xx - cx) / radius, (yy - cy) / radius
+        c, sn = np.cos(theta), np.sin(theta)
+        u, v = c * dx + sn * dy, -sn * dx + c * dy  # pixel → shape frame (inverse rotation)
+        fg_colour = self._contrasting_colour(rng, background.reshape(-1, 3).mean(0))
+        fg = np.broadcast_to(fg_colour, (s, s, 3)).astype(np.float32)
+        if name == "circle":
+            mask = u**2 + v**2 <= 1.0
+        elif name == "ellipse":
+            mask = u**2 + (v / 0.45) ** 2 <= 1.0
+        elif name == "ring":
+            r2 = u**2 + v**2
+            mask = (r2 <= 1.0) & (r2 >= rng.uniform(0.35, 0.55) ** 2)
+        elif name == "square":
+            mask = (np.abs(u) <= 0.75) & (np.abs(v) <= 0.75)
+        elif name == "cross":
+            w = rng.uniform(0.22, 0.32)
+            mask = ((np.abs(u) <= 0.95) & (np.abs(v) <= w)) | ((np.abs(v) <= 0.95) & (np.abs(u) <= w))
+        elif name in ("stripes", "checker"):
+            mask = u**2 + v**2 <= 1.0
+            period = rng.uniform(0.35, 0.55)
+            if name == "stripes":
+                pattern = np.floor(u / period) % 2 == 0
+            else:
+                pattern = (np.floor(u / period) + np.floor(v / period)) % 2 == 0
+            second = self._contrasting_colour(rng, fg_colour)
+            fg = np.where(pattern[..., None], fg, second)
+        else:  # polygon classes
+            verts = _polygon(name) * radius
+            px = cx + c * verts[:, 0] - sn * verts[:, 1]
+            py = cy + sn * verts[:, 0] + c * verts[:, 1]
+            canvas = Image.new("L", (s, s), 0)
+            ImageDraw.Draw(canvas).polygon(list(zip(px.tolist(), py.tolist())), fill=255)
+            mask = np.asarray(canvas) > 127
+        fg = fg + rng.normal(0, 8.0, size=(s, s, 3)).astype(np.float32)
+        image = np.where(mask[..., None], fg, background)
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask, label
+
+    @staticmethod
+    def _background(rng: np.random.Generator, s: int) -> np.ndarray:
+        """A smooth random colour field plus blotchy low-frequency texture and pixel noise."""
+        corners = rng.uniform(0, 255, size=(3, 3, 3)).astype(np.uint8)
+        field = np.asarray(Image.fromarray(corners).resize((s, s), Image.BILINEAR), np.float32)
+        k = max(2, s // 6)
+        blotch = rng.normal(0, 25.0, size=(k, k, 3)).astype(np.float32)
+        blotch_img = np.stack(
+            [np.asarray(Image.fromarray(blotch[..., i], mode="F").resize((s, s), Image.BICUBIC)) for i in range(3)], -1
+        )
+        return field + blotch_img + rng.normal(0, 12.0, size=(s, s, 3)).astype(np.float32)
+
+    @staticmethod
+    def _contrasting_colour(rng: np.random.Generator, ref: np.ndarray, min_dist: float = 110.0) -> np.ndarray:
+        for _ in range(32):
+            colour = rng.uniform(0, 255, size=3)
+            if np.linalg.norm(colour - ref) >= min_dist:
+                return colour.astype(np.float32)
+        return (255.0 - np.asarray(ref, np.float32)).clip(0, 255)
+
+
+# ---------------------------------------------------------------------------------------------
+# Factory
+# ---------------------------------------------------------------------------------------------
+
+
+class SubsetSource:
+    """The first ``n`` items of another source."""
+
+    def __init__(self, source: ImageSource, n: int):
+        if n <= 0:
+            raise ValueError(f"subset size must be > 0, got {n}")
+        self.source = source
+        self.n = min(int(n), len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return self.source[_check_index(index, self.n)]
+
+    def __getattr__(self, name: str):
+        if name == "source":  # not yet set (unpickling)
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    @property
+    def class_names(self) -> Sequence[str]:
+        return self.source.class_names
+
+
+_SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "test"), "test": ("test", "val", "validation")}
+
+
+def make_source(
+    kind: str,
+    path: str | os.PathLike | None = None,
+    split: str = "train",
+    *,
+    num_samples: int | None = None,
+    image_size: int = 64,
+    seed: int = 0,
+    **kw: Any,
+) -> ImageSource:
+    """Build a source by name: ``folder`` (uses ``path/<split>`` when that folder exists),
+    ``filelist``, ``fashion_mnist`` and ``synthetic``. ``num_samples`` sets the synthetic size and
+    truncates the others; ``seed``/``image_size`` only affect the synthetic source."""
+    kind = kind.lower().replace("-", "_")
+    path = path or None
+    if kind in ("folder", "imagefolder", "image_folder"):
+        if path is None:
+            raise ValueError("the folder source needs a path")
+        root = Path(path)
+        for sub in _SPLIT_DIRS.get(split, (split,)):
+            if (root / sub).is_dir():
+                root = root / sub
+                break
+        src: ImageSource = FolderSource(root, **kw)
+    elif kind in ("filelist", "file_list", "list"):
+        if path is None:
+            raise ValueError("the filelist source needs a path")
+        src = FileListSource(path, **kw)
+    elif kind in ("fashion_mnist", "fashionmnist", "fmnist"):
+        src = FashionMNISTSource(path, split="train" if split == "train" else "test", **kw)
+    elif kind == "synthetic":
+        return SyntheticSource(num_samples or 1000, image_size=image_size, seed=seed, split=split, **kw)
+    else:
+        raise ValueError(f"unknown source kind {kind!r}; use folder, filelist, fashion_mnist or synthetic")
+    if num_samples:
+        src = SubsetSource(src, num_samples)
+    return src

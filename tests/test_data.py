@@ -1,0 +1,452 @@
+"""Data pipeline: sources, multi-crop augmentation, iBOT masks, grain pipelines (tiny and fast)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinov3_jax.data import augment as A
+from dinov3_jax.data.masking import MaskingGenerator, collate_masks, mask_targets, max_masked_tokens
+from dinov3_jax.data.pipeline import build_eval_pipeline, build_train_pipeline
+from dinov3_jax.data.sources import (
+    FashionMNISTSource,
+    FileListSource,
+    FolderSource,
+    SyntheticSource,
+    UnreadableImage,
+    find_fashion_mnist,
+    make_source,
+)
+
+TINY = dict(global_crops_size=16, local_crops_size=8, local_crops_number=2, patch_size=4)
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+class IndexSource:
+    """Label = source index; uint8 images whose content encodes the index."""
+
+    def __init__(self, n: int = 16, size: int = 20):
+        self.n, self.size = n, size
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return np.full((self.size, self.size, 3), (i * 13) % 256, np.uint8), int(i)
+
+    num_classes = 0
+    class_names = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_crop_shapes_and_ranges():
+    aug = A.DataAugmentationDINO(global_crops_size=24, local_crops_size=12, local_crops_number=3)
+    img = SyntheticSource(4, 40)[0][0]
+    out = aug(img, np.random.default_rng(0))
+    assert out["global_crops"].shape == (2, 24, 24, 3) and out["global_crops"].dtype == np.float32
+    assert out["local_crops"].shape == (3, 12, 12, 3) and out["local_crops"].dtype == np.float32
+    lo = (0 - np.array(A.IMAGENET_MEAN)) / np.array(A.IMAGENET_STD)
+    hi = (1 - np.array(A.IMAGENET_MEAN)) / np.array(A.IMAGENET_STD)
+    for x in (out["global_crops"], out["local_crops"]):
+        assert np.all(x >= lo - 1e-5) and np.all(x <= hi + 1e-5)
+        assert np.isfinite(x).all()
+    # no local crops at all is allowed
+    out0 = A.DataAugmentationDINO(global_crops_size=8, local_crops_size=4, local_crops_number=0)(
+        img, np.random.default_rng(0)
+    )
+    assert out0["local_crops"].shape == (0, 4, 4, 3)
+
+
+def test_random_resized_crop_box():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = A.random_resized_crop_box(rng, 50, 30, (0.05, 1.0))
+        assert top >= 0 and top + h <= 30 and left >= 0 and left + w <= 50 and h > 0 and w > 0
+    # impossible scale → centre-crop fallback with the ratio clamped (very wide image)
+    assert A.random_resized_crop_box(rng, 100, 10, (5.0, 6.0)) == (0, (100 - 13) // 2, 10, 13)
+    assert A.random_resized_crop_box(rng, 20, 20, (5.0, 6.0)) == (0, 0, 20, 20)
+
+
+def test_effective_blur_and_solarize_probabilities():
+    aug = A.DataAugmentationDINO(global_crops_size=8, local_crops_size=8, local_crops_number=2)
+    img = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    rng = np.random.default_rng(1)
+    trace: list[dict] = []
+    n = 500
+    for _ in range(n):
+        aug(img, rng, trace=trace)
+    by = {c: [t for t in trace if t["crop"].startswith(c)] for c in ("global1", "global2", "local")}
+    rate = {
+        c: {k: np.mean([t[k] for t in ts]) for k in ("blur", "solarize", "jitter", "grayscale")} for c, ts in by.items()
+    }
+    assert rate["global1"]["blur"] == 0.0
+    assert abs(rate["global2"]["blur"] - 0.9) < 0.05
+    assert abs(rate["local"]["blur"] - 0.5) < 0.06
+    assert rate["global1"]["solarize"] == 0.0 and rate["local"]["solarize"] == 0.0
+    assert abs(rate["global2"]["solarize"] - 0.2) < 0.06
+    for c in rate:
+        assert abs(rate[c]["jitter"] - 0.8) < 0.06 and abs(rate[c]["grayscale"] - 0.2) < 0.06
+
+
+def test_photometric_ops():
+    x = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, 2)
+    sol = np.asarray(A.solarize(Image.fromarray(x)))
+    assert np.array_equal(sol, np.where(x >= 128, 255 - x, x))
+    flat = Image.fromarray(np.full((12, 12, 3), 77, np.uint8))
+    assert np.array_equal(np.asarray(A.gaussian_blur(flat, 1.5)), np.asarray(flat))  # blur keeps constants
+    assert np.isclose(A.gaussian_kernel1d(0.7).sum(), 1.0) and len(A.gaussian_kernel1d(0.7)) == 9
+    g = np.asarray(A.grayscale(Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 4, 3), dtype=np.uint8))))
+    assert g.shape == (4, 4, 3) and (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
+    red = Image.fromarray(np.tile(np.array([200, 30, 30], np.uint8), (4, 4, 1)))
+    assert np.array_equal(np.asarray(A.adjust_hue(red, 0.0)), np.asarray(red))
+    shifted = np.asarray(A.adjust_hue(red, 1 / 3))[0, 0]
+    assert shifted.argmax() == 1  # red → green
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking
+# ---------------------------------------------------------------------------------------------
+
+
+def test_masking_generator_exact_counts():
+    gen = MaskingGenerator((14, 14), max_num_patches=98)
+    rng = np.random.default_rng(0)
+    for target in (0, 1, 3, 20, 57, 98, 150, 196):
+        m = gen(target, rng)
+        assert m.shape == (14, 14) and m.dtype == bool and int(m.sum()) == target
+
+
+def test_mask_targets_match_recipe():
+    # RECIPE.md §6.4: 224 px / patch 16, B = 64 → 64 masked crops with 20, 22, 23, …, 98 patches
+    t = mask_targets(128, 196, (0.1, 0.5), 0.5)
+    assert len(t) == 64 and t[:3] == [20, 22, 23] and t[-1] == 98
+    assert max_masked_tokens(128, 196, 0.5, 0.5) == 64 * 98 >= sum(t)
+
+
+def test_collate_masks():
+    n_crops, grid = 10, 6
+    gen = MaskingGenerator(grid)
+    bound = max_masked_tokens(n_crops, grid * grid, 0.5, 0.5)
+    out = collate_masks(n_crops, gen, np.random.default_rng(3), (0.1, 0.5), 0.5)
+    masks, idx, w = out["masks"], out["mask_indices"], out["mask_weights"]
+    assert masks.shape == (n_crops, 36) and masks.dtype == bool
+    assert idx.shape == w.shape == (bound,) and idx.dtype == np.int32 and w.dtype == np.float32
+    counts = masks.sum(1)
+    targets = mask_targets(n_crops, 36, (0.1, 0.5), 0.5)
+    assert (counts > 0).sum() == int(n_crops * 0.5) == len(targets)
+    assert sorted(counts[counts > 0].tolist()) == sorted(targets)
+    total = int(counts.sum())
+    assert total <= bound
+    # indices: the True entries of the crop-major flattening, in order; padding 0 with weight 0
+    assert np.array_equal(idx[:total], np.flatnonzero(masks.reshape(-1)))
+    assert (idx[total:] == 0).all() and (w[total:] == 0).all()
+    assert np.allclose(w[:total], 1.0 / counts[idx[:total] // 36])
+    assert np.isclose(w.sum(), (counts > 0).sum(), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def _train(source, **kw):
+    args = dict(seed=0, per_host_batch=4, **TINY) | kw
+    return build_train_pipeline(source, **args)
+
+
+def test_train_batch_contract():
+    src = SyntheticSource(24, 24, seed=1)
+    pipe = _train(src)
+    b = next(iter(pipe))
+    B, n = 4, (16 // 4) ** 2
+    m = pipe.spec.max_masked_tokens
+    assert m == max_masked_tokens(2 * B, n, 0.5, 0.5)
+    expect = {
+        "global_crops": ((2 * B, 16, 16, 3), np.float32),
+        "local_crops": ((2 * B, 8, 8, 3), np.float32),
+        "masks": ((2 * B, n), np.bool_),
+        "mask_indices": ((m,), np.int32),
+        "mask_weights": ((m,), np.float32),
+        "labels": ((B,), np.int32),
+        "n_skipped": ((), np.int32),
+    }
+    assert set(b) == set(expect)
+    for k, (shape, dtype) in expect.items():
+        assert b[k].shape == shape and b[k].dtype == dtype, k
+    assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
+        k: (s, np.dtype(d)) for k, (s, d) in pipe.spec.shapes().items()
+    }
+    counts = b["masks"].sum(1)
+    assert (counts > 0).sum() == B
+    assert np.isclose(b["mask_weights"].sum(), B, atol=1e-5)
+    total = int(counts.sum())
+    assert np.array_equal(b["mask_indices"][:total], np.flatnonzero(b["masks"].reshape(-1)))
+    assert ((b["labels"] >= 0) & (b["labels"] < 10)).all() and b["n_skipped"] == 0
+
+
+def test_crop_major_layout():
+    from dinov3_jax.data.pipeline import _Collate
+
+    pipe = _train(IndexSource(8), local_crops_number=3)
+    collate = _Collate(pipe.spec, seed=0, process_index=0, min_num_patches=4, max_block_ratio=0.5)
+    B = 4
+    g = (
+        np.zeros((B, 2, 16, 16, 3), np.float32)
+        + (10 * np.arange(B)[:, None] + np.arange(2)[None, :])[..., None, None, None]
+    )
+    loc = (
+        np.zeros((B, 3, 8, 8, 3), np.float32)
+        + (10 * np.arange(B)[:, None] + np.arange(3)[None, :])[..., None, None, None]
+    )
+    out = collate(
+        0, {"global_crops": g, "local_crops": loc, "labels": np.arange(B), "n_skipped": np.zeros(B, np.int32)}
+    )
+    assert out["global_crops"][:, 0, 0, 0].tolist() == [10 * b + c for c in range(2) for b in range(B)]
+    assert out["local_crops"][:, 0, 0, 0].tolist() == [10 * b + c for c in range(3) for b in range(B)]
+    assert out["labels"].dtype == np.int32 and out["n_skipped"] == 0
+
+
+def test_settings_from_config_object():
+    from types import SimpleNamespace as NS
+
+    cfg = NS(
+        train=NS(seed=3),
+        student=NS(patch_size=8),
+        ibot=NS(mask_ratio_min_max=(0.2, 0.4), mask_sample_probability=0.25),
+        crops=NS(global_crops_size=(16,), local_crops_size=8, local_crops_number=1, horizontal_flips=False),
+        data=NS(num_workers=0, prefetch_buffer_size=1),
+    )
+    pipe = build_train_pipeline(SyntheticSource(8, 16), cfg=cfg, per_host_batch=4)
+    assert pipe.spec.n_patches == 4 and pipe.spec.n_local == 1 and pipe.spec.mask_ratio_min_max == (0.2, 0.4)
+    assert pipe.spec.max_masked_tokens == max_masked_tokens(8, 4, 0.4, 0.25) == 2
+    b = next(iter(pipe))
+    assert b["global_crops"].shape == (8, 16, 16, 3) and b["local_crops"].shape == (4, 8, 8, 3)
+    assert (b["masks"].sum(1) > 0).sum() == 2
+    assert _equal(b, next(iter(build_train_pipeline(SyntheticSource(8, 16), cfg=cfg, seed=3, per_host_batch=4))))
+
+
+def test_determinism_and_steps():
+    src = SyntheticSource(24, 24, seed=1)
+    a = iter(_train(src))
+    b = iter(_train(src))
+    a0, a1 = next(a), next(a)
+    b0, b1 = next(b), next(b)
+    assert _equal(a0, b0) and _equal(a1, b1)
+    assert not np.array_equal(a0["global_crops"], a1["global_crops"])
+    assert not np.array_equal(a0["masks"], a1["masks"]) or not np.array_equal(a0["labels"], a1["labels"])
+    c0 = next(iter(_train(src, seed=5)))
+    assert not np.array_equal(a0["global_crops"], c0["global_crops"])
+    # start_step gives the batch an uninterrupted stream yields at that step
+    assert _equal(next(iter(_train(src, start_step=1))), a1)
+
+
+def test_exact_resume_via_state():
+    src = SyntheticSource(10, 24, seed=2)  # 10 images, batch 4: batches straddle epochs
+    ref = iter(_train(src))
+    ref_batches = [next(ref) for _ in range(5)]
+    it = iter(_train(src))
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    resumed = iter(_train(src))
+    resumed.set_state(state)
+    assert _equal(next(resumed), ref_batches[3])
+    assert _equal(next(resumed), ref_batches[4])
+
+
+def test_epochs_and_process_shards():
+    src = IndexSource(16)
+    seen = []
+    for p in range(2):
+        it = iter(_train(src, process_index=p, process_count=2))
+        labels = np.concatenate([next(it)["labels"] for _ in range(2)])  # 8 per process = one epoch
+        seen.append(labels)
+    assert len(set(seen[0]) & set(seen[1])) == 0
+    assert sorted(np.concatenate(seen).tolist()) == list(range(16))
+    # each epoch of a single process is a permutation, reshuffled per epoch
+    it = iter(_train(src))
+    e1 = np.concatenate([next(it)["labels"] for _ in range(4)])
+    e2 = np.concatenate([next(it)["labels"] for _ in range(4)])
+    assert sorted(e1.tolist()) == sorted(e2.tolist()) == list(range(16)) and not np.array_equal(e1, e2)
+
+
+def _write_folder(root, corrupt: bool = True):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls / "sub").mkdir(parents=True)
+        for i in range(3):
+            arr = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+            ext = ".JPG" if i == 0 else ".png"
+            Image.fromarray(arr).save(root / cls / f"{i}{ext}", format="JPEG" if ext == ".JPG" else "PNG")
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / cls / "sub" / "x.jpeg")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    if corrupt:
+        (root / "dog" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+
+
+def test_folder_source_labels_and_corrupt_skipped(tmp_path):
+    _write_folder(tmp_path)
+    src = FolderSource(tmp_path)
+    assert len(src) == 9 and src.class_names == ["cat", "dog"] and src.num_classes == 2
+    assert src.files[0] == "cat/0.JPG" and "dog/bad.jpg" in src.files
+    assert sorted(set(src.labels.tolist())) == [0, 1] and (src.labels[:4] == 0).all()
+    bad = src.files.index("dog/bad.jpg")
+    with pytest.raises(UnreadableImage) as e:
+        src[bad]
+    assert "bad.jpg" in str(e.value.path)
+    img, label = src[0]
+    assert isinstance(img, Image.Image) and img.mode == "RGB" and label == 0
+    # the pipeline skips it: one epoch (9 images, B 3) has exactly one replacement
+    it = iter(_train(src, per_host_batch=3))
+    batches = [next(it) for _ in range(3)]
+    assert sum(int(b["n_skipped"]) for b in batches) == 1
+    assert all(((b["labels"] >= 0) & (b["labels"] < 2)).all() for b in batches)
+    # eval pipeline: the corrupt file becomes an invalid row
+    rows = list(build_eval_pipeline(src, 8, 4))
+    valid = np.concatenate([r["valid"] for r in rows])
+    assert len(rows) == 3 and valid.sum() == 8 and not valid[bad]
+
+
+def test_folder_source_unlabelled_and_empty(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "c").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "c" / "b.png")
+    src = FolderSource(tmp_path)
+    assert len(src) == 2 and (src.labels == -1).all() and src.num_classes == 0
+    empty = tmp_path / "empty"
+    (empty / "x").mkdir(parents=True)
+    (empty / "x" / "readme.txt").write_text("hi")
+    with pytest.raises(ValueError, match="empty"):
+        FolderSource(empty)
+    with pytest.raises(ValueError, match="does not exist"):
+        FolderSource(tmp_path / "missing")
+
+
+def test_file_list_source_and_factory(tmp_path):
+    _write_folder(tmp_path, corrupt=False)
+    (tmp_path / "list.txt").write_text("cat/0.JPG\t3\n\n# comment\ndog/1.png\t1\n")
+    src = FileListSource(tmp_path / "list.txt")
+    assert len(src) == 2 and src[0][1] == 3 and src.num_classes == 4
+    (tmp_path / "nolabel.txt").write_text("cat/1.png\n")
+    assert FileListSource(tmp_path / "nolabel.txt")[0][1] == -1
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match=r"empty\.txt"):
+        FileListSource(tmp_path / "empty.txt")
+    assert len(make_source("folder", tmp_path)) == 8
+    assert len(make_source("folder", tmp_path, num_samples=3)) == 3
+    assert len(make_source("synthetic", None, "test", num_samples=7, image_size=16, seed=3)) == 7
+    with pytest.raises(ValueError, match="unknown source"):
+        make_source("nope", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic and Fashion-MNIST sources
+# ---------------------------------------------------------------------------------------------
+
+
+def test_synthetic_source():
+    src = SyntheticSource(40, 32, seed=7)
+    img, label = src[13]
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and label == 3
+    assert np.array_equal(SyntheticSource(40, 32, seed=7)[13][0], img)  # deterministic
+    assert not np.array_equal(SyntheticSource(40, 32, seed=8)[13][0], img)
+    assert not np.array_equal(SyntheticSource(40, 32, seed=7, split="test")[13][0], img)
+    labels = [src[i][1] for i in range(40)]
+    assert np.bincount(labels).tolist() == [4] * 10 and src.num_classes == 10
+    three = SyntheticSource(9, 16, num_classes=3)
+    assert [three[i][1] for i in range(9)] == [0, 1, 2] * 3 and three.class_names == ["circle", "square", "triangle"]
+    for i in (0, 5, 13):  # masks: aligned with the label and the drawn shape
+        image, fg, lab = src.render(i)
+        mask = src.get_mask(i)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, lab + 1}
+        assert np.array_equal(mask > 0, fg) and 0.02 < fg.mean() < 0.6
+    image, fg, _ = src.render(0)  # circle: solid colour + small noise inside the mask
+    assert image[fg].astype(float).std(0).max() < 20 < image[~fg].astype(float).std(0).max()
+    with pytest.raises(ValueError):
+        SyntheticSource(0)
+
+
+def _write_idx(path, arr: np.ndarray, gz: bool):
+    data = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + b"".join(struct.pack(">I", d) for d in arr.shape) + arr.tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_reader(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([0, 9, 3, 3, 1], np.uint8)
+    sfx = ".gz" if gz else ""
+    _write_idx(tmp_path / f"t10k-images-idx3-ubyte{sfx}", images, gz)
+    _write_idx(tmp_path / f"t10k-labels-idx1-ubyte{sfx}", labels, gz)
+    src = FashionMNISTSource(tmp_path, split="test")
+    assert len(src) == 5 and src.num_classes == 10 and src.class_names[9] == "Ankle boot"
+    img, lab = src[1]
+    assert img.shape == (28, 28, 3) and lab == 9 and np.array_equal(img[..., 2], images[1])
+    with pytest.raises(ValueError, match="train"):
+        FashionMNISTSource(tmp_path, split="train")
+    batch = next(iter(build_eval_pipeline(src, 8, 4)))
+    assert batch["images"].shape == (4, 8, 8, 3) and batch["labels"].tolist() == [0, 9, 3, 3]
+
+
+def test_fashion_mnist_missing(monkeypatch, tmp_path):
+    import dinov3_jax.data.sources as S
+
+    monkeypatch.setattr(S, "FASHION_MNIST_DIRS", (str(tmp_path / "nowhere"),))
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        FashionMNISTSource()
+
+
+def test_fashion_mnist_debian_package():
+    if find_fashion_mnist() is None:
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    train, test = FashionMNISTSource(split="train"), FashionMNISTSource(split="test")
+    assert len(train) == 60000 and len(test) == 10000
+    img, lab = test[0]
+    assert img.shape == (28, 28, 3) and 0 <= lab < 10
+    assert np.bincount([train[i][1] for i in range(0, 60000, 60)], minlength=10).min() > 50
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def test_eval_pipeline_order_and_padding():
+    src = SyntheticSource(10, 20, seed=0)
+    rows = list(build_eval_pipeline(src, 16, 4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    assert len(rows) == 3
+    for r in rows:
+        assert r["images"].shape == (4, 16, 16, 3) and r["images"].dtype == np.float32
+        assert r["labels"].dtype == np.int32 and r["valid"].dtype == bool
+    labels = np.concatenate([r["labels"] for r in rows])
+    valid = np.concatenate([r["valid"] for r in rows])
+    assert valid.tolist() == [True] * 10 + [False] * 2
+    assert labels[:10].tolist() == [src[i][1] for i in range(10)] and (labels[10:] == -1).all()
+    assert (rows[-1]["images"][2:] == 0).all()
+    assert rows[0]["images"].min() >= -1 - 1e-6 and rows[0]["images"].max() <= 1 + 1e-6
+
+
+@pytest.mark.slow
+def test_multiprocess_prefetch_matches_single_process():
+    src = SyntheticSource(20, 24, seed=1)
+    ref = iter(_train(src))
+    expected = [next(ref) for _ in range(3)]
+    it = iter(_train(src, num_workers=2))
+    try:
+        got = [next(it) for _ in range(3)]
+        assert all(_equal(a, b) for a, b in zip(expected, got))
+    finally:
+        it.close()
