@@ -1,10 +1,10 @@
-# One-command set-up: `make test` and `make features-demo` create .venv when missing.
+# One-command set-up: `make train` and `make test` create .venv when missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint bench clean venv
+.PHONY: test train lint bench clean venv
 
 venv: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The default job: the tiny CPU recipe on the built-in synthetic dataset (about 10 minutes on 2 cores).
+train: $(STAMP)
+	$(VENV)/bin/dinov3-jax train $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -1,4 +1,4 @@
-"""The `dinov3-jax` command line: `convert`, `features`, `models`."""
+"""The `dinov3-jax` command line: `train`, `convert`, `features`, `models`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,23 @@ def _convert(args: argparse.Namespace) -> int:
 
     cfg = convert_file(args.input, args.output, to=args.to, name=args.model, expect=args.source)
     print(f"wrote {args.output} ({args.to} layout; {cfg.depth} blocks, width {cfg.embed_dim})")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dinov3_jax.configs import load_config
+    from dinov3_jax.train.main import TrainingDiverged, format_result, train
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # only overrides were given
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    try:
+        result = train(cfg)
+    except TrainingDiverged as err:
+        print(f"dinov3-jax train: stopped: {err}", file=sys.stderr)
+        return 3
+    print(format_result(result))
     return 0
 
 
@@ -42,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("input", metavar="IN", help=".pth, .safetensors, or an HF model folder")
     conv.add_argument("output", metavar="OUT", help="file to write (a folder for --to hf)")
     conv.set_defaults(run=_convert)
+
+    tr = sub.add_parser(
+        "train",
+        help="DINOv3 self-supervised pretraining (resumes from the output folder when it holds checkpoints)",
+        description="Train with a recipe (built-in name or YAML path; default: tiny_cpu) and key=value overrides, "
+        "e.g. `dinov3-jax train vitl16_im1k data.path=/data/imagenet/train optim.lr=0.0005`.",
+    )
+    tr.add_argument("config", nargs="?", help="recipe name (tiny_cpu, vits16_im1k, vitl16_im1k) or YAML file")
+    tr.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    tr.set_defaults(run=_train)
 
     from dinov3_jax import features
 

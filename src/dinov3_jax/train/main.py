@@ -1,0 +1,387 @@
+"""The DINOv3 trainer, readable top to bottom (paper §3–4; RECIPE.md §5).
+
+Sections: Output → Mesh → Model → Optimizer → State and shardings → Data → Restore → Step →
+Evaluation → Loop → Export. One code path runs on one CPU or on a multi-host accelerator mesh:
+only the mesh and the batch placement change, and both are data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from dinov3_jax import parallel
+from dinov3_jax.checkpoint import Checkpointer
+from dinov3_jax.configs import (
+    Config,
+    config_to_yaml,
+    global_batch_size,
+    student_vit_config,
+    teacher_vit_config,
+    total_steps,
+    validate_for_devices,
+)
+from dinov3_jax.data.pipeline import build_eval_pipeline, build_train_pipeline
+from dinov3_jax.data.sources import make_source
+from dinov3_jax.eval.knn import knn_accuracy
+from dinov3_jax.inference import jit_method
+from dinov3_jax.models.vit import DinoVisionTransformer
+from dinov3_jax.train.optim import optimizer_from_config
+from dinov3_jax.train.schedules import build_schedules
+from dinov3_jax.train.step import HeadConfig, LossConfig, SSLModel, make_train_step, to_sample_major
+from dinov3_jax.utils.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+PER_SAMPLE_KEYS = ("global_crops", "local_crops", "masks", "labels", "mask_indices", "mask_weights")
+SCHEDULE_KEYS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr", "dino_local_weight")
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after too many consecutive non-finite steps."""
+
+
+def head_configs(cfg: Config) -> tuple[HeadConfig, HeadConfig]:
+    dino = HeadConfig(
+        cfg.dino.head_n_prototypes, cfg.dino.head_bottleneck_dim, cfg.dino.head_hidden_dim, cfg.dino.head_nlayers
+    )
+    ibot = HeadConfig(
+        cfg.ibot.head_n_prototypes, cfg.ibot.head_bottleneck_dim, cfg.ibot.head_hidden_dim, cfg.ibot.head_nlayers
+    )
+    return dino, ibot
+
+
+def loss_config(cfg: Config, koleo_groups: int) -> LossConfig:
+    return LossConfig(
+        n_local_crops=cfg.crops.local_crops_number,
+        dino_weight=cfg.dino.loss_weight,
+        ibot_weight=cfg.ibot.loss_weight,
+        koleo_weight=cfg.dino.koleo_loss_weight,
+        global_ignore_diagonal=cfg.dino.global_ignore_diagonal,
+        centering=cfg.train.centering,
+        koleo_groups=koleo_groups,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: k-NN of the teacher backbone on the labelled split (RECIPE.md §8.1)
+# ---------------------------------------------------------------------------------------------
+
+
+def extract_features(backbone: DinoVisionTransformer, pipeline) -> tuple[np.ndarray, np.ndarray]:
+    forward = jit_method(backbone)
+    feats, labels = [], []
+    for batch in pipeline:
+        cls = np.asarray(forward(jnp.asarray(batch["images"]))["x_norm_clstoken"])
+        valid = np.asarray(batch["valid"], bool)
+        feats.append(cls[valid])
+        labels.append(np.asarray(batch["labels"])[valid])
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def raw_pixel_features(pipeline) -> tuple[np.ndarray, np.ndarray]:
+    feats, labels = [], []
+    for batch in pipeline:
+        valid = np.asarray(batch["valid"], bool)
+        feats.append(np.asarray(batch["images"])[valid].reshape(int(valid.sum()), -1))
+        labels.append(np.asarray(batch["labels"])[valid])
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+class KnnEvaluator:
+    """k-NN on a labelled train/val pair at the global-crop resolution."""
+
+    def __init__(self, cfg: Config):
+        d = cfg.data
+        self.train_source = make_source(
+            d.val_source or d.source, d.val_path or d.path, split="train", **_source_kwargs(cfg, d.knn_train_samples)
+        )
+        self.val_source = make_source(
+            d.val_source or d.source, d.val_path or d.path, split="test", **_source_kwargs(cfg, d.knn_val_samples)
+        )
+        self.kw = dict(
+            resolution=cfg.crops.global_crops_size,
+            batch=cfg.runtime.eval_batch_size,
+            mean=tuple(cfg.crops.rgb_mean),
+            std=tuple(cfg.crops.rgb_std),
+        )
+        self.ks = tuple(cfg.runtime.knn_k)
+        self.num_classes = self.train_source.num_classes
+
+    def _pipes(self):
+        return build_eval_pipeline(self.train_source, **self.kw), build_eval_pipeline(self.val_source, **self.kw)
+
+    def __call__(self, backbone: DinoVisionTransformer) -> dict[str, float]:
+        train_pipe, val_pipe = self._pipes()
+        train = extract_features(backbone, train_pipe)
+        val = extract_features(backbone, val_pipe)
+        return knn_accuracy(*train, *val, ks=self.ks, num_classes=self.num_classes)
+
+    def raw_pixels(self) -> dict[str, float]:
+        train_pipe, val_pipe = self._pipes()
+        return knn_accuracy(
+            *raw_pixel_features(train_pipe), *raw_pixel_features(val_pipe), ks=self.ks, num_classes=self.num_classes
+        )
+
+
+def _source_kwargs(cfg: Config, num_samples: int | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {"seed": cfg.train.seed}
+    if num_samples:
+        kw["num_samples"] = num_samples
+    if cfg.data.synthetic_image_size:
+        kw["image_size"] = cfg.data.synthetic_image_size
+    return kw
+
+
+def opt_state_shardings(tx, params, param_sh, repl):
+    """Shardings of the optimizer state: each parameter-shaped leaf takes its parameter's."""
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        abstract,
+        param_sh,
+        transform_non_params=lambda _: repl,
+        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
+    )
+
+
+@dataclasses.dataclass
+class TrainingSetup:
+    """Everything the loop needs, built from the config for one mesh."""
+
+    mesh: Any
+    state: dict
+    state_shardings: Any
+    step_fn: Any
+    schedules: Any
+    student_def: Any
+    teacher_def: Any
+    init_params: Any
+    loss_config: LossConfig
+
+
+def setup(cfg: Config, mesh, *, global_batch: int, steps: int, koleo_groups: int | None = None) -> TrainingSetup:
+    """Builds the models (initialised directly into their shardings), the optimizer, the state and
+    the jitted step for `mesh`. `koleo_groups` defaults to one group per device (RECIPE.md §4.4)."""
+    student_vit, teacher_vit = student_vit_config(cfg), teacher_vit_config(cfg)
+    dino_head, ibot_head = head_configs(cfg)
+
+    def build(vit, seed):
+        return SSLModel(vit, dino_head, ibot_head, rngs=nnx.Rngs(seed))
+
+    student_def = nnx.graphdef(nnx.eval_shape(lambda: build(student_vit, 0)))
+    teacher_abstract = nnx.eval_shape(lambda: build(teacher_vit, 0))
+    teacher_def = nnx.graphdef(teacher_abstract)
+    axes = parallel.logical_axes(teacher_abstract)
+    abstract_params = nnx.state(teacher_abstract, nnx.Param).to_pure_dict()
+    param_sh = parallel.param_shardings(axes, abstract_params, mesh)
+
+    def init_params(seed):
+        return nnx.state(build(student_vit, seed), nnx.Param).to_pure_dict()
+
+    params = jax.jit(init_params, static_argnums=0, out_shardings=param_sh)(cfg.train.seed)
+    tx = optimizer_from_config(cfg, params)
+    repl = parallel.replicated(mesh)
+    k_dino, k_ibot = cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes
+    state = {
+        "student": params,
+        # The teacher starts as a copy of the student (RECIPE.md §5.1).
+        "teacher": jax.tree.map(jnp.copy, params),
+        # Adam moments are sharded exactly like the parameters they follow (FSDP saves their memory too).
+        "opt_state": jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, param_sh, repl))(params),
+        "centers": {"dino": jnp.zeros((1, k_dino), jnp.float32), "ibot": jnp.zeros((1, k_ibot), jnp.float32)},
+        "step": jnp.zeros((), jnp.int32),
+        "nan_streak": jnp.zeros((), jnp.int32),
+        "nan_worst_streak": jnp.zeros((), jnp.int32),
+        "nan_total": jnp.zeros((), jnp.int32),
+        "key": jax.random.key_data(jax.random.key(cfg.train.seed)),
+    }
+    # Parameters and Adam moments keep their FSDP shardings; everything else is replicated.
+    placed = lambda x: x.sharding if getattr(x.sharding, "mesh", None) == mesh else repl  # noqa: E731
+    state = jax.device_put(state, jax.tree.map(placed, state))
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    lc = loss_config(cfg, koleo_groups or mesh.size)
+    step_fn = jax.jit(
+        make_train_step(student_def, teacher_def, tx, lc),
+        in_shardings=(state_sh, None, repl),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,
+    )
+    return TrainingSetup(
+        mesh=mesh,
+        state=state,
+        state_shardings=state_sh,
+        step_fn=step_fn,
+        schedules=build_schedules(cfg, steps, global_batch),
+        student_def=student_def,
+        teacher_def=teacher_def,
+        init_params=init_params,
+        loss_config=lc,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+    """Runs (or resumes) a pretraining run; returns the final metrics.
+
+    `stop_at` ends the run early after that step with a checkpoint, as a preemption would; calling
+    `train` again with the same config resumes it exactly.
+    """
+    # ------------------------------------------------------------------ Output
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = config_to_yaml(cfg)
+    (out / "config.yaml").write_text(resolved)
+    if jax.process_index() == 0:
+        print(resolved)
+    writer = MetricsWriter(out) if jax.process_index() == 0 else None
+
+    # ------------------------------------------------------------------ Mesh
+    validate_for_devices(cfg, jax.device_count())
+    mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    batch = global_batch_size(cfg, jax.device_count())
+    host_batch = batch // jax.process_count()
+    steps = total_steps(cfg)
+
+    # ------------------------------------------------------------------ Model, optimizer, state, step
+    run = setup(cfg, mesh, global_batch=batch, steps=steps)
+    state, step_fn, schedules, teacher_def = run.state, run.step_fn, run.schedules, run.teacher_def
+
+    # ------------------------------------------------------------------ Data
+    source = make_source(cfg.data.source, cfg.data.path, split="train", **_source_kwargs(cfg, cfg.data.num_samples))
+    ckpt = Checkpointer(out / "checkpoints", max_to_keep=cfg.checkpointing.max_to_keep)
+    start = ckpt.latest_step() or 0
+    pipeline = build_train_pipeline(
+        source,
+        cfg=cfg,
+        per_host_batch=host_batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    iterator = iter(pipeline)
+
+    # ------------------------------------------------------------------ Restore
+    if start:
+        state, data_state = ckpt.restore(start, state)
+        iterator.set_state(data_state)
+        print(f"resumed from {out / 'checkpoints'} at step {start}")
+
+    # ------------------------------------------------------------------ Evaluation
+    evaluator = KnnEvaluator(cfg) if cfg.runtime.knn_every_steps is not None else None
+
+    def teacher_backbone(state) -> DinoVisionTransformer:
+        model = nnx.merge(teacher_def, nnx.State(jax.device_get(state["teacher"])))
+        return model.backbone
+
+    def evaluate(step: int, state) -> dict[str, float]:
+        result = evaluator(teacher_backbone(state))
+        if writer:
+            writer.write(step, {f"knn/{k}": v for k, v in result.items()})
+        return result
+
+    # ------------------------------------------------------------------ Loop
+    host_offset = jax.process_index() * host_batch
+    local_devices = jax.local_device_count()
+    bar = tqdm(total=steps, initial=start, disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+    metrics: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    skipped_images = 0
+    end = min(steps, stop_at) if stop_at is not None else steps
+    for step in range(start, end):
+        host = next(iterator)
+        skipped_images += int(host.get("n_skipped", 0))
+        device_batch = parallel.host_to_global(to_sample_major(host, local_devices, host_offset), mesh, PER_SAMPLE_KEYS)
+        sched = {k: np.float32(v) for k, v in schedules.at(step).items() if k in SCHEDULE_KEYS}
+        state, metrics = step_fn(state, device_batch, sched)
+        done = step + 1
+        if done % cfg.runtime.log_every_steps == 0 or done == end:
+            metrics = jax.device_get(metrics)
+            worst, total_bad = (int(x) for x in jax.device_get((state["nan_worst_streak"], state["nan_total"])))
+            if worst >= cfg.runtime.nan_max_consecutive:
+                ckpt.close()
+                raise TrainingDiverged(
+                    f"{worst} consecutive steps had a non-finite loss or gradient (checked at step {done}); their "
+                    f"updates were skipped ({total_bad} skipped in all). Lower optim.lr or check the data."
+                )
+            bar.set_postfix(
+                {k: f"{float(metrics[k]):.3f}" for k in ("loss", "dino_local", "dino_global", "ibot", "koleo")}
+            )
+            if writer:
+                writer.write(done, dict(metrics) | {"skipped_steps": total_bad, "skipped_images": skipped_images})
+        if cfg.checkpointing.period and done % cfg.checkpointing.period == 0 and done < end:
+            ckpt.save(done, state, iterator.get_state(), resolved)
+        if evaluator and cfg.runtime.knn_every_steps and done % cfg.runtime.knn_every_steps == 0 and done < steps:
+            knn = evaluate(done, state)
+            bar.write(
+                f"step {done}: teacher k-NN "
+                + ", ".join(f"{k} {v:.1f}" for k, v in knn.items() if k.startswith("top1"))
+            )
+        bar.update(1)
+    bar.close()
+    if start < end:
+        ckpt.save(end, state, iterator.get_state(), resolved)
+    ckpt.close()
+    if skipped_images:
+        print(f"{skipped_images} unreadable images were skipped (replaced by the next readable one)")
+    if end < steps:
+        if writer:
+            writer.close()
+        return {"steps": end, "stopped_early": True, "state": state}
+    elapsed = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ Export
+    backbone = teacher_backbone(state)
+    from dinov3_jax.weights import save_backbone
+
+    export = save_backbone(backbone, out / "teacher_backbone.safetensors")
+    result: dict[str, Any] = {
+        "steps": steps,
+        "seconds": elapsed,
+        "loss": float(metrics.get("loss", np.nan)) if metrics else None,
+        "skipped_steps": int(jax.device_get(state["nan_total"])),
+        "skipped_images": skipped_images,
+        "teacher_backbone": str(export),
+        "state": state,
+    }
+    if evaluator:
+        result["knn_teacher"] = evaluate(steps, state)
+        result["knn_raw_pixels"] = evaluator.raw_pixels()
+        # The same network as it was before training (same seed, same initialisation).
+        random_init = nnx.merge(teacher_def, nnx.State(jax.device_get(run.init_params(cfg.train.seed))))
+        result["knn_random_init"] = evaluator(random_init.backbone)
+    if writer:
+        writer.close()
+    (out / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "state"}, indent=2) + "\n")
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    lines = [
+        f"trained {result['steps']} steps in {result['seconds']:.0f} s; teacher backbone: {result['teacher_backbone']}"
+    ]
+    if "knn_teacher" in result:
+        keys = [k for k in result["knn_teacher"] if k.startswith("top1")]
+        lines.append(f"{'k-NN top-1 (%)':24}" + "".join(f"{k:>10}" for k in keys))
+        for name, label in (
+            ("knn_raw_pixels", "raw pixels"),
+            ("knn_random_init", "random-init model"),
+            ("knn_teacher", "trained teacher"),
+        ):
+            lines.append(f"{label:24}" + "".join(f"{result[name][k]:10.1f}" for k in keys))
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""The DINOv3 self-supervised train step as one pure function (paper §3; RECIPE.md §4–5).
+
+`train_step(state, batch, sched) -> (state, metrics)`:
+1. teacher (EMA, eval mode, unmasked global crops) → DINO and iBOT head logits → centred targets;
+2. student (drop path, RoPE augmentation, masked global crops, then local crops) → head logits;
+3. DINO (local→global and cross-global), iBOT (masked patches) and KoLeo (per device group);
+4. AdamW with parameter groups, then the EMA `teacher ← m·teacher + (1−m)·student`;
+5. a NaN guard: a non-finite loss or gradient leaves the state unchanged and counts the streak.
+
+State and batch are plain pytrees; the NNX graph definitions are static closures, so the step is
+jitted once with explicit shardings and a donated state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dinov3_jax.losses import dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp, softmax_center, update_center
+from dinov3_jax.models.config import ViTConfig
+from dinov3_jax.models.heads import DINOHead
+from dinov3_jax.models.vit import DinoVisionTransformer
+
+Array = jax.Array
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    n_prototypes: int
+    bottleneck_dim: int
+    hidden_dim: int
+    nlayers: int = 3
+
+
+class SSLModel(nnx.Module):
+    """Backbone with its DINO (CLS) and iBOT (patch) heads: the student, or its EMA teacher."""
+
+    def __init__(self, vit: ViTConfig, dino_head: HeadConfig, ibot_head: HeadConfig, *, rngs: nnx.Rngs):
+        self.backbone = DinoVisionTransformer(vit, rngs=rngs)
+        kw = dict(dtype=vit.dtype, param_dtype=vit.param_dtype, rngs=rngs)
+        self.dino_head = DINOHead(
+            vit.embed_dim,
+            dino_head.n_prototypes,
+            hidden_dim=dino_head.hidden_dim,
+            bottleneck_dim=dino_head.bottleneck_dim,
+            nlayers=dino_head.nlayers,
+            **kw,
+        )
+        self.ibot_head = DINOHead(
+            vit.embed_dim,
+            ibot_head.n_prototypes,
+            hidden_dim=ibot_head.hidden_dim,
+            bottleneck_dim=ibot_head.bottleneck_dim,
+            nlayers=ibot_head.nlayers,
+            **kw,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Static loss settings (RECIPE.md §4.6)."""
+
+    n_local_crops: int
+    student_temp: float = 0.1
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    global_ignore_diagonal: bool = True
+    # "sinkhorn_knopp" (DINOv3) or "softmax" (DINO v1: softmax around an EMA centre).
+    centering: str = "sinkhorn_knopp"
+    center_momentum: float = 0.9
+    # KoLeo nearest neighbours are searched within groups of consecutive samples, one group per
+    # device, as the official per-rank loss does (RECIPE.md §4.4).
+    koleo_groups: int = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch layout
+# ---------------------------------------------------------------------------------------------
+
+
+def to_sample_major(batch: dict[str, np.ndarray], n_devices_local: int, host_offset_images: int = 0) -> dict:
+    """Host batch (crop-major, as the data pipeline and the official collate produce it) → the
+    sample-major layout of the step: crops [B, n_crops, ...], masks [B, 2, N], and mask indices
+    into the sample-major flattening [B·2·N] shifted by this host's first global image. The mask
+    index list is padded to a multiple of the local device count so it shards evenly."""
+    g, loc, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+    b = g.shape[0] // 2
+    n = masks.shape[1]
+    out = {
+        "global_crops": g.reshape(2, b, *g.shape[1:]).swapaxes(0, 1),
+        "local_crops": loc.reshape(loc.shape[0] // b, b, *loc.shape[1:]).swapaxes(0, 1),
+        "masks": masks.reshape(2, b, n).swapaxes(0, 1),
+        "labels": batch["labels"],
+    }
+    idx = batch["mask_indices"].astype(np.int64)
+    crop, image, patch = idx // (b * n), (idx // n) % b, idx % n
+    sample_major = (host_offset_images + image) * 2 * n + crop * n + patch
+    weights = batch["mask_weights"].astype(np.float32)
+    pad = (-len(idx)) % n_devices_local
+    out["mask_indices"] = np.concatenate([np.where(weights > 0, sample_major, 0), np.zeros(pad, np.int64)]).astype(
+        np.int32
+    )
+    out["mask_weights"] = np.concatenate([weights, np.zeros(pad, np.float32)])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+def _crops_first(x_bck: Array, b: int) -> Array:
+    """[B·C, K] sample-major → [C, B, K] (the [crops, batch, K] layout of the DINO loss)."""
+    return x_bck.reshape(b, -1, x_bck.shape[-1]).swapaxes(0, 1)
+
+
+def teacher_targets(teacher: SSLModel, batch: dict, temp: Array, centers: dict, lc: LossConfig):
+    """Centred teacher probabilities: DINO [2, B, K] for the global crops, iBOT [M, K] for the
+    masked patches; and the logits' statistics for the softmax-centering update."""
+    g = batch["global_crops"]
+    b = g.shape[0]
+    out = teacher.backbone.forward_features(g.reshape(b * 2, *g.shape[2:]))
+    cls_logits = teacher.dino_head(out["x_norm_clstoken"]).astype(jnp.float32)
+    patches = out["x_norm_patchtokens"]
+    patches = patches.reshape(-1, patches.shape[-1])[batch["mask_indices"]]
+    patch_logits = teacher.ibot_head(patches).astype(jnp.float32)
+    valid = (batch["mask_weights"] > 0).astype(jnp.float32)
+    if lc.centering == "sinkhorn_knopp":
+        dino_t = sinkhorn_knopp(cls_logits, temp)
+        ibot_t = sinkhorn_knopp(patch_logits, temp, weights=valid)
+        new_centers = centers
+    else:
+        dino_t = softmax_center(cls_logits, centers["dino"], temp)
+        ibot_t = softmax_center(patch_logits, centers["ibot"], temp) * valid[:, None]
+        new_centers = {
+            "dino": update_center(centers["dino"], cls_logits, lc.center_momentum),
+            "ibot": update_center(centers["ibot"], patch_logits, lc.center_momentum, weights=valid),
+        }
+    return jax.lax.stop_gradient((_crops_first(dino_t, b), ibot_t)), new_centers
+
+
+def student_losses(student: SSLModel, batch: dict, targets, key: Array, local_weight: Array, lc: LossConfig):
+    dino_t, ibot_t = targets
+    g, loc = batch["global_crops"], batch["local_crops"]
+    b, n_local = g.shape[0], loc.shape[1]
+    k_global, k_local = jax.random.split(key)
+    masks = batch["masks"].reshape(b * 2, -1)
+    out_g = student.backbone.forward_features(g.reshape(b * 2, *g.shape[2:]), masks, training=True, key=k_global)
+    out_l = student.backbone.forward_features(
+        loc.reshape(b * n_local, *loc.shape[2:]), training=True, key=k_local, local_crops=True
+    )
+    s_global = _crops_first(student.dino_head(out_g["x_norm_clstoken"]), b)
+    s_local = _crops_first(student.dino_head(out_l["x_norm_clstoken"]), b)
+    patches = out_g["x_norm_patchtokens"]
+    s_patch = student.ibot_head(patches.reshape(-1, patches.shape[-1])[batch["mask_indices"]])
+
+    dino_local = dino_loss(s_local, dino_t, student_temp=lc.student_temp, ignore_diagonal=False)
+    dino_global = dino_loss(s_global, dino_t, student_temp=lc.student_temp, ignore_diagonal=lc.global_ignore_diagonal)
+    ibot = ibot_loss(s_patch, ibot_t, batch["mask_weights"], n_images=2 * b, student_temp=lc.student_temp)
+    cls = out_g["x_norm_clstoken"].reshape(b, 2, -1)
+    koleo = jnp.mean(
+        jnp.stack([koleo_loss(cls[:, c].reshape(lc.koleo_groups, b // lc.koleo_groups, -1)) for c in range(2)])
+    )
+    # DINOv2-style scales: cross-global pairs vs local→global pairs (RECIPE.md §4.2).
+    terms_global = 2 if lc.global_ignore_diagonal else 4
+    terms_local = 2 * n_local
+    scale_global = terms_global / (terms_global + terms_local)
+    scale_local = terms_local / (terms_global + terms_local)
+    total = (
+        lc.dino_weight * (scale_local * local_weight * dino_local + scale_global * dino_global)
+        + lc.koleo_weight * 2 * koleo
+        + lc.ibot_weight * ibot
+    )
+    metrics = {"dino_local": dino_local, "dino_global": dino_global, "ibot": ibot, "koleo": koleo}
+    return total, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+
+
+def all_finite(tree: PyTree) -> Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(
+    student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.GradientTransformation, lc: LossConfig
+):
+    """The pure step. `state` = {student, teacher, opt_state, centers, step, nan_streak,
+    nan_worst_streak, nan_total, key}; `sched` = this step's schedule values (lr, wd, momentum, teacher_temp, last_layer_lr,
+    dino_local_weight) as scalars, so changing them never recompiles."""
+
+    def train_step(state: dict, batch: dict, sched: dict) -> tuple[dict, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
+        teacher = nnx.merge(teacher_def, nnx.State(state["teacher"]))
+        targets, centers = teacher_targets(teacher, batch, sched["teacher_temp"], state["centers"], lc)
+
+        def loss_fn(params):
+            student = nnx.merge(student_def, nnx.State(params))
+            return student_losses(student, batch, targets, key, sched["dino_local_weight"], lc)
+
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["student"])
+        updates, opt_state = tx.update(
+            grads,
+            state["opt_state"],
+            state["student"],
+            lr=sched["lr"],
+            wd=sched["wd"],
+            last_layer_lr=sched["last_layer_lr"],
+        )
+        student = optax.apply_updates(state["student"], updates)
+        m = sched["momentum"]
+        teacher_params = jax.tree.map(lambda t, s: m * t + (1 - m) * s, state["teacher"], student)
+
+        finite = jnp.isfinite(loss) & all_finite(grads)
+        streak = jnp.where(finite, 0, state["nan_streak"] + 1)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = {
+            "student": keep(student, state["student"]),
+            "teacher": keep(teacher_params, state["teacher"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "centers": keep(centers, state["centers"]),
+            "step": state["step"] + 1,
+            "nan_streak": streak,
+            "nan_worst_streak": jnp.maximum(state["nan_worst_streak"], streak),
+            "nan_total": state["nan_total"] + (~finite).astype(jnp.int32),
+            "key": state["key"],
+        }
+        metrics = {"loss": loss, **parts, "finite": finite, **{k: v for k, v in sched.items()}}
+        return new_state, metrics
+
+    return train_step
