@@ -199,3 +199,37 @@ def test_bad_mesh_is_an_error_before_compiling(tmp_path):
     cfg = micro_config("mesh.data=3", f"train.output_dir={tmp_path}")
     with pytest.raises(ConfigError, match="mesh"):
         train(cfg, progress=False)
+
+
+def test_cli_trains_on_a_folder_of_images_and_exports(tmp_path, capsys):
+    from PIL import Image
+
+    from dinov3_jax import load_backbone, save_backbone
+    from dinov3_jax.cli import main as cli
+
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        sub = tmp_path / "photos" / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40 + i, 48, 3), dtype=np.uint8)).save(sub / f"{i}.png")
+    (tmp_path / "photos" / "a" / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    args = [*MICRO, "data.source=folder", f"data.path={tmp_path / 'photos'}", "data.num_samples=null"]
+    assert (
+        cli(["train", "tiny_cpu", *args, "runtime.knn_every_steps=0", "optim.epochs=1", f"train.output_dir={out}"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "k-NN evaluation skipped" in printed and "trained 2 steps" in printed
+    assert (out / "config.yaml").exists() and (out / "result.json").exists()
+    backbone = load_backbone(weights=out / "teacher_backbone.safetensors")
+    assert backbone.config.patch_size == 8 and backbone.config.embed_dim == 64
+    save_backbone(backbone, tmp_path / "official.pth", "meta")
+    save_backbone(backbone, tmp_path / "hf", "hf")
+    assert load_backbone(weights=tmp_path / "official.pth").config.depth == backbone.config.depth
+
+
+def test_bf16_compute_step_is_finite():
+    states, metrics = run_steps(one_device_mesh(), n_steps=2, extra=("compute_precision.param_dtype=bf16",))
+    assert all(m["finite"] and np.isfinite(m["loss"]) for m in metrics)
+    qkv = states[-1]["student"]["backbone"]["blocks"][0]["attn"]["qkv"]["kernel"]
+    assert qkv.dtype == np.float32  # parameters stay fp32

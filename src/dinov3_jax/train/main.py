@@ -99,6 +99,28 @@ def raw_pixel_features(pipeline) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(feats), np.concatenate(labels)
 
 
+def knn_split_problem(cfg: Config) -> str | None:
+    """Why the periodic k-NN cannot run (no labels, or no held-out split), or None when it can.
+
+    k-NN uses the train split as memory and the test/val split as queries: a folder needs class
+    subfolders and a `val`/`test` sibling of `train` (or `data.val_path`), a file list needs
+    `data.val_path`; the synthetic and Fashion-MNIST sources have both splits built in."""
+    d = cfg.data
+    kind = (d.val_source or d.source).lower()
+    path = d.val_path or d.path
+    if kind in ("synthetic", "fashion_mnist", "fashionmnist", "fmnist"):
+        return None
+    if kind in ("filelist", "file_list", "list"):
+        return None if d.val_path else "a file list has no held-out split (set data.val_path)"
+    root = Path(path)
+    held_out = [s for s in ("val", "validation", "test") if (root / s).is_dir()]
+    if not held_out or not (root / "train").is_dir():
+        return f"{root} has no train/ and val/ (or test/) subfolders"
+    if not make_source(kind, path, split="test").num_classes:
+        return f"{root / held_out[0]} has no class subfolders (no labels)"
+    return None
+
+
 class KnnEvaluator:
     """k-NN on a labelled train/val pair at the global-crop resolution."""
 
@@ -283,7 +305,13 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
         print(f"resumed from {out / 'checkpoints'} at step {start}")
 
     # ------------------------------------------------------------------ Evaluation
-    evaluator = KnnEvaluator(cfg) if cfg.runtime.knn_every_steps is not None else None
+    evaluator = None
+    if cfg.runtime.knn_every_steps is not None:
+        problem = knn_split_problem(cfg)
+        if problem:
+            print(f"k-NN evaluation skipped: {problem}")
+        else:
+            evaluator = KnnEvaluator(cfg)
 
     def teacher_backbone(state) -> DinoVisionTransformer:
         model = nnx.merge(teacher_def, nnx.State(jax.device_get(state["teacher"])))
