@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# The local CPU build of torch must come before transformers, or pip fetches a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[torch,dev]'
+	# Real labelled images for the data tests and the Fashion-MNIST benchmark (Debian package).
+	test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 	touch $(STAMP)
 
 test: $(STAMP)

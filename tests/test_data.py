@@ -410,8 +410,7 @@ def test_fashion_mnist_missing(monkeypatch, tmp_path):
 
 
 def test_fashion_mnist_debian_package():
-    if find_fashion_mnist() is None:
-        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    assert find_fashion_mnist() is not None, "install Debian's dataset-fashion-mnist (make test does)"
     train, test = FashionMNISTSource(split="train"), FashionMNISTSource(split="test")
     assert len(train) == 60000 and len(test) == 10000
     img, lab = test[0]
