@@ -6,19 +6,46 @@ graph is traversed once, and each new input shape compiles once.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+
+log = logging.getLogger(__name__)
+
+
+# Forward-only XLA options on CPU (CPU-PERF.md): the YNNPACK fusions slow a ViT forward; they are
+# turned off for inference only, never for training. Experimental options come and go between
+# jaxlib releases, so they are tried once on a trivial program before use.
+CPU_INFERENCE_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def _options_accepted(options: tuple[tuple[str, Any], ...]) -> bool:
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(jnp.zeros((), jnp.float32)).compile()
+    except jax.errors.JaxRuntimeError as err:
+        log.warning(
+            "this jaxlib (%s) refuses the CPU inference compiler options %s (%s); compiling without them",
+            jax.__version__,
+            dict(options),
+            str(err).splitlines()[0][:200],
+        )
+        return False
+    return True
 
 
 def inference_compiler_options() -> dict[str, Any] | None:
-    """XLA options for forward-only programs on CPU (CPU-PERF.md): the YNNPACK fusions slow a ViT
-    forward; they are turned off for inference only, never for training."""
-    if jax.default_backend() != "cpu":
+    """XLA options for forward-only programs: `CPU_INFERENCE_OPTIONS` on CPU when this jaxlib
+    accepts them, else None (no options; other backends get none either)."""
+    if jax.default_backend() != "cpu" or not CPU_INFERENCE_OPTIONS:
         return None
-    return {"xla_cpu_experimental_ynn_fusion_type": ""}
+    options = tuple(sorted(CPU_INFERENCE_OPTIONS.items()))
+    return dict(options) if _options_accepted(options) else None
 
 
 def jit_method(model: nnx.Module, method: str = "forward_features", **kwargs: Any) -> Callable[[jax.Array], Any]:

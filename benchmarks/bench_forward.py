@@ -1,0 +1,251 @@
+"""Forward-pass throughput: dinov3-jax vs Hugging Face transformers' DINOv3ViTModel, same weights.
+
+For each case the script builds our backbone with random weights, loads the very same weights into
+`transformers.DINOv3ViTModel`, checks that both give the same normalised tokens on one random
+batch, then times the two side by side in this process: compile / warm up first, then alternate
+one call of ours and one call of torch, and report the median of each.
+
+    .venv/bin/python benchmarks/bench_forward.py                       # CPU, fp32, all cases
+    .venv/bin/python benchmarks/bench_forward.py --cases s16-224 --repeats 9
+    .venv/bin/python benchmarks/bench_forward.py --dtype bf16 --attention cudnn   # on a GPU
+
+On a GPU, bf16 means our model computes in bf16 (parameters stay fp32, norms / softmax / RoPE in
+fp32) and torch runs `model.to(torch.bfloat16)` with SDPA attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    image: int
+    batch: int
+
+
+CASES = {
+    "s16-224": Case("dinov3_vits16", 224, 32),
+    "b16-224": Case("dinov3_vitb16", 224, 32),
+    "s16-512": Case("dinov3_vits16", 512, 8),
+}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(torch_device: str) -> str:
+    import flax
+    import torch
+    import transformers
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    jax_dev = jax.devices()[0]
+    parts = [
+        f"CPU {cpu_model()} ({cores} cores usable)",
+        f"jax {jax.__version__} on {jax_dev.platform}:{jax_dev.device_kind}",
+        f"flax {flax.__version__}",
+        f"torch {torch.__version__} on {torch_device} ({torch.get_num_threads()} threads)",
+        f"transformers {transformers.__version__}",
+        f"python {platform.python_version()}",
+    ]
+    return "machine: " + "; ".join(parts)
+
+
+def randomise_layerscale(flat: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Layer scale of 1e-5 (the official init) makes every block almost the identity, which would
+    make the agreement check meaningless; values of order 1 exercise the blocks."""
+    out = dict(flat)
+    for key, value in flat.items():
+        if key.endswith(("ls1.gamma", "ls2.gamma")):
+            out[key] = rng.uniform(0.5, 1.5, value.shape).astype(value.dtype)
+    return out
+
+
+def build_pair(case: Case, dtype: str, attention: str, torch_device: str):
+    """(our jitted forward, the torch model) with identical weights."""
+    import torch
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from dinov3_jax.convert import hf as hfconv
+    from dinov3_jax.convert.ours import model_from_flat, model_to_flat
+    from dinov3_jax.inference import jit_method
+    from dinov3_jax.models.registry import create_backbone
+
+    rng = np.random.default_rng(0)
+    base = create_backbone(case.model, seed=0)
+    flat = randomise_layerscale(model_to_flat(base), rng)
+    cfg = base.config.replace(dtype=dtype, attention_impl=attention)
+    model = model_from_flat(cfg, flat)
+
+    hf_kwargs = {} if dtype == "float32" else {"attn_implementation": "sdpa"}
+    hf_cfg = DINOv3ViTConfig(**hfconv.config_to_hf(base.config), **hf_kwargs)
+    tmodel = DINOv3ViTModel(hf_cfg).eval()
+    # from_ours writes the on-disk (4.x) names; the in-memory 5.x module nests blocks under `model.`.
+    wanted = set(tmodel.state_dict())
+    sd = {}
+    for key, value in hfconv.from_ours(flat, base.config).items():
+        key = key if key in wanted or "model." + key not in wanted else "model." + key
+        sd[key] = torch.from_numpy(np.array(value))
+    tmodel.load_state_dict(sd, strict=True)
+    tmodel = tmodel.to(torch_device)
+    if dtype != "float32":
+        tmodel = tmodel.to(torch.bfloat16)
+
+    forward = jit_method(model, "forward_features")
+    return forward, tmodel
+
+
+def our_tokens(out: dict) -> jax.Array:
+    parts = [out["x_norm_clstoken"][:, None], out["x_storage_tokens"], out["x_norm_patchtokens"]]
+    return jnp.concatenate(parts, axis=1)
+
+
+def check_agreement(ours: np.ndarray, ref: np.ndarray, dtype: str) -> tuple[bool, str]:
+    """fp32: max |Δ| ≤ 1e-4·max(1, max|ref|). bf16: per-token cosine similarity ≥ 0.99."""
+    ours, ref = ours.astype(np.float64), ref.astype(np.float64)
+    diff = float(np.abs(ours - ref).max())
+    scale = max(1.0, float(np.abs(ref).max()))
+    if dtype == "float32":
+        ok = diff <= 1e-4 * scale
+        return ok, f"max|Δ| {diff:.2e} (max|ref| {scale:.2f}, bound {1e-4 * scale:.1e})"
+    cos = (ours * ref).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-30)
+    ok = float(cos.min()) >= 0.99
+    return ok, f"min per-token cosine {cos.min():.5f}, max|Δ| {diff:.2e} (max|ref| {scale:.2f})"
+
+
+def run_case(name: str, case: Case, args, torch_device: str) -> dict:
+    import torch
+
+    dtype = "float32" if args.dtype == "fp32" else "bfloat16"
+    forward, tmodel = build_pair(case, dtype, args.attention, torch_device)
+    x_nchw = np.random.default_rng(1).standard_normal((case.batch, 3, case.image, case.image)).astype(np.float32)
+    x_ours = jnp.asarray(x_nchw.transpose(0, 2, 3, 1))
+    x_torch = torch.from_numpy(x_nchw).to(torch_device)
+    if dtype != "float32":
+        x_torch = x_torch.to(torch.bfloat16)
+
+    def sync():
+        if torch_device == "cuda":
+            torch.cuda.synchronize()
+
+    def run_ours():
+        return jax.block_until_ready(forward(x_ours))
+
+    def run_torch():
+        with torch.inference_mode():
+            out = tmodel(pixel_values=x_torch).last_hidden_state
+        sync()
+        return out
+
+    t0 = time.perf_counter()
+    out = run_ours()
+    compile_s = time.perf_counter() - t0
+    ref = run_torch()
+    ok, detail = check_agreement(np.asarray(our_tokens(out), np.float32), ref.float().cpu().numpy(), dtype)
+    print(f"  torch attention implementation: {tmodel.config._attn_implementation!r}")
+    print(f"  agreement {'OK' if ok else 'MISMATCH'}: {detail}; first call of ours (compile) {compile_s:.1f} s")
+    for _ in range(args.warmup):
+        run_ours()
+        run_torch()
+
+    t_ours, t_torch = [], []
+    for i in range(args.repeats):
+        # Alternate which goes first, so that neither always runs right after the other.
+        order = (("ours", run_ours), ("torch", run_torch))
+        for label, fn in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            (t_ours if label == "ours" else t_torch).append(time.perf_counter() - t0)
+    med_ours, med_torch = statistics.median(t_ours), statistics.median(t_torch)
+    result = {
+        "case": name,
+        "model": case.model,
+        "image": case.image,
+        "batch": case.batch,
+        "ours_ips": case.batch / med_ours,
+        "torch_ips": case.batch / med_torch,
+        "ratio": med_torch / med_ours,  # throughput ours / torch
+        "ratio_best": min(t_torch) / min(t_ours),
+        "ok": ok,
+    }
+    print(
+        f"  ours  median {med_ours * 1e3:8.1f} ms  (min {min(t_ours) * 1e3:.1f}, max {max(t_ours) * 1e3:.1f})"
+        f"  {result['ours_ips']:8.1f} img/s"
+    )
+    print(
+        f"  torch median {med_torch * 1e3:8.1f} ms  (min {min(t_torch) * 1e3:.1f}, max {max(t_torch) * 1e3:.1f})"
+        f"  {result['torch_ips']:8.1f} img/s"
+    )
+    print(f"  throughput ratio ours/torch {result['ratio']:.2f} (medians), {result['ratio_best']:.2f} (best runs)")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="cases to run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of each model per case")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each after the first")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--attention", choices=("xla", "cudnn"), default="xla", help="our attention kernel")
+    args = parser.parse_args(argv)
+
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch_device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    if jax.default_backend() != "cpu" and torch_device == "cpu":
+        print("warning: JAX runs on an accelerator but torch has no CUDA: torch numbers are CPU", file=sys.stderr)
+    if args.dtype == "bf16" and torch_device == "cpu":
+        print("warning: bf16 on CPU is slow for both (no bf16 matmul units used); meant for GPUs", file=sys.stderr)
+    if torch_device == "cuda" and args.dtype == "fp32":
+        # Same precision on both sides: no TF32 (PARITY.md §6).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        jax.config.update("jax_default_matmul_precision", "highest")
+
+    print(machine_line(torch_device))
+    print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='minutes')}")
+    print(
+        f"dtype {args.dtype}; our attention {args.attention!r}; torch attention: the model default (fp32) or 'sdpa' (bf16); "
+        f"{args.repeats} timed calls each, alternating, median"
+    )
+    results = []
+    for name in args.cases:
+        case = CASES[name]
+        print(f"\n{name}: {case.model}, {case.image} px, batch {case.batch}")
+        results.append(run_case(name, case, args, torch_device))
+
+    print("\n| case | model | image | batch | ours img/s | torch img/s | ours/torch | ours/torch (best runs) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(
+            f"| {r['case']} | {r['model']} | {r['image']} | {r['batch']} | {r['ours_ips']:.1f} | "
+            f"{r['torch_ips']:.1f} | {r['ratio']:.2f} | {r['ratio_best']:.2f} |"
+        )
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
