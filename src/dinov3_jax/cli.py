@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_arguments(feats)
     feats.set_defaults(run=features.run)
 
+    from dinov3_jax.eval import cli as eval_cli
+
+    ev = sub.add_parser("eval", help="k-NN, linear-probe and logistic-regression evaluation of a backbone")
+    eval_cli.add_arguments(ev)
+    ev.set_defaults(run=eval_cli.run)
+
     models = sub.add_parser("models", help="list the known backbones")
     models.set_defaults(run=_models)
     return parser
