@@ -1,1 +1,2 @@
-"""Evaluation of frozen backbones: k-NN (RECIPE.md §8.1) and, later, linear and dense probes."""
+"""Evaluation of frozen backbones: k-NN, linear probe and logistic regression on global features
+(RECIPE.md §8), a linear segmentation probe on patch features, and pictures of the features."""
