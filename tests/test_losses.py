@@ -303,3 +303,14 @@ def test_head_bf16_compute_fp32_params():
     assert head(x).dtype == jnp.float32
     plain = DINOHead(16, 32, hidden_dim=24, bottleneck_dim=8, dtype="bf16", rngs=nnx.Rngs(0))
     assert plain(x).dtype == jnp.bfloat16
+
+
+def test_sinkhorn_low_temperature_does_not_overflow():
+    """exp(100 / 0.01) overflows fp32; subtracting the maximum first gives the exact result."""
+    # Spreads of at most 0.5 (exp(-50) is a normal fp32 number), at a level that overflows unshifted.
+    logits = np.array([[100.0, 99.8, 99.6], [99.7, 100.0, 99.5]], np.float32)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.exp(np.float32(100.0) / np.float32(0.01)))
+    out = np.asarray(sinkhorn_knopp(jnp.asarray(logits), 0.01))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, np_sinkhorn(logits.astype(np.float64) - 100.0, 0.01), rtol=1e-5, atol=1e-7)

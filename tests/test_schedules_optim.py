@@ -313,3 +313,9 @@ def test_optimizer_on_nnx_state(student_state):
     assert jax.tree.structure(updates) == jax.tree.structure(state)
     assert np.all(np.asarray(updates["dino_head"]["last_layer"]["kernel"][...]) == 0)
     assert np.all(np.asarray(updates["backbone"]["cls_token"][...]) != 0)
+
+
+def test_scaling_rule_none_keeps_the_lr():
+    from dinov3_jax.train.schedules import scale_lr
+
+    assert scale_lr(0.003, "none", 64) == 0.003

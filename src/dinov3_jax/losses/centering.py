@@ -15,8 +15,7 @@ Array = jax.Array
 def sinkhorn_knopp(logits: Array, temp: float | Array, weights: Array | None = None, n_iters: int = 3) -> Array:
     """Sinkhorn-Knopp teacher probabilities [N, K] from teacher logits [N, K], in fp32.
 
-    `Q = exp(logits / temp)` (no max subtraction, as the official code), normalised to total mass
-    1, then `n_iters` rounds of: every prototype gets mass 1/K, every sample mass 1/N_valid. The
+    `Q = exp(logits / temp)` normalised to total mass 1, then `n_iters` rounds of: every prototype gets mass 1/K, every sample mass 1/N_valid. The
     result is scaled by N_valid so that every valid row sums to 1.
 
     Rows whose `weights` entry is 0 are padding (e.g. the static bound on masked iBOT tokens):
@@ -32,6 +31,8 @@ def sinkhorn_knopp(logits: Array, temp: float | Array, weights: Array | None = N
         valid = (weights > 0).astype(jnp.float32)[:, None]
         n_valid = jnp.sum(valid)
         x = jnp.where(valid > 0, x, 0.0)  # padding logits may be anything, even overflow exp
+    top = jax.lax.stop_gradient(jnp.max(jnp.where(valid > 0, x, -jnp.inf)))
+    x = x - jnp.where(jnp.isfinite(top), top, 0.0)  # all rows padding: nothing to subtract
     q = jnp.exp(x / jnp.asarray(temp, jnp.float32)) * valid  # [N, K]
     safe = lambda s: jnp.where(s > 0, s, 1.0)  # noqa: E731  (padding / empty sums stay 0, not NaN)
     q = q / safe(jnp.sum(q))

@@ -27,6 +27,7 @@ from dinov3_jax.configs import (
     Config,
     config_to_yaml,
     global_batch_size,
+    schedule_steps,
     student_vit_config,
     teacher_vit_config,
     total_steps,
@@ -195,7 +196,7 @@ class TrainingSetup:
 
 
 def setup(cfg: Config, mesh, *, global_batch: int, steps: int, koleo_groups: int | None = None) -> TrainingSetup:
-    """Builds the models (initialised directly into their shardings), the optimizer, the state and
+    """`steps` is the length the schedules are laid out over. Builds the models (initialised directly into their shardings), the optimizer, the state and
     the jitted step for `mesh`. `koleo_groups` defaults to one group per device (RECIPE.md §4.4)."""
     student_vit, teacher_vit = student_vit_config(cfg), teacher_vit_config(cfg)
     dino_head, ibot_head = head_configs(cfg)
@@ -282,7 +283,7 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
     steps = total_steps(cfg)
 
     # ------------------------------------------------------------------ Model, optimizer, state, step
-    run = setup(cfg, mesh, global_batch=batch, steps=steps)
+    run = setup(cfg, mesh, global_batch=batch, steps=schedule_steps(cfg))
     state, step_fn, schedules, teacher_def = run.state, run.step_fn, run.schedules, run.teacher_def
 
     # ------------------------------------------------------------------ Data

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256")
+SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +75,9 @@ def linear_warmup_cosine_decay(
 
 def scale_lr(lr: float, rule: str | None, global_batch: int) -> float:
     """The recipe's lr scaling rule: `sqrt_wrt_1024` → lr·4·√(batch/1024), `linear_wrt_256` →
-    lr·batch/256."""
+    lr·batch/256, `none` → lr unchanged (a project addition)."""
+    if rule == "none":
+        return lr
     if rule == "sqrt_wrt_1024":
         return lr * 4 * math.sqrt(global_batch / 1024)
     if rule == "linear_wrt_256":
