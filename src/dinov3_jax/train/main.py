@@ -35,8 +35,8 @@ from dinov3_jax.configs import (
 )
 from dinov3_jax.data.pipeline import build_eval_pipeline, build_train_pipeline
 from dinov3_jax.data.sources import make_source
+from dinov3_jax.eval.features import extract_features
 from dinov3_jax.eval.knn import knn_accuracy
-from dinov3_jax.inference import jit_method
 from dinov3_jax.models.vit import DinoVisionTransformer
 from dinov3_jax.train.optim import optimizer_from_config
 from dinov3_jax.train.schedules import build_schedules
@@ -80,17 +80,6 @@ def loss_config(cfg: Config, koleo_groups: int) -> LossConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def extract_features(backbone: DinoVisionTransformer, pipeline) -> tuple[np.ndarray, np.ndarray]:
-    forward = jit_method(backbone)
-    feats, labels = [], []
-    for batch in pipeline:
-        cls = np.asarray(forward(jnp.asarray(batch["images"]))["x_norm_clstoken"])
-        valid = np.asarray(batch["valid"], bool)
-        feats.append(cls[valid])
-        labels.append(np.asarray(batch["labels"])[valid])
-    return np.concatenate(feats), np.concatenate(labels)
-
-
 def raw_pixel_features(pipeline) -> tuple[np.ndarray, np.ndarray]:
     feats, labels = [], []
     for batch in pipeline:
@@ -125,7 +114,7 @@ def knn_split_problem(cfg: Config) -> str | None:
 class KnnEvaluator:
     """k-NN on a labelled train/val pair at the global-crop resolution."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, mesh=None):
         d = cfg.data
         self.train_source = make_source(
             d.val_source or d.source, d.val_path or d.path, split="train", **_source_kwargs(cfg, d.knn_train_samples)
@@ -135,24 +124,26 @@ class KnnEvaluator:
         )
         self.kw = dict(
             resolution=cfg.crops.global_crops_size,
-            batch=cfg.runtime.eval_batch_size,
             mean=tuple(cfg.crops.rgb_mean),
             std=tuple(cfg.crops.rgb_std),
         )
+        self.batch_size = cfg.runtime.eval_batch_size
+        self.mesh = mesh
         self.ks = tuple(cfg.runtime.knn_k)
         self.num_classes = self.train_source.num_classes
 
-    def _pipes(self):
-        return build_eval_pipeline(self.train_source, **self.kw), build_eval_pipeline(self.val_source, **self.kw)
-
     def __call__(self, backbone: DinoVisionTransformer) -> dict[str, float]:
-        train_pipe, val_pipe = self._pipes()
-        train = extract_features(backbone, train_pipe)
-        val = extract_features(backbone, val_pipe)
-        return knn_accuracy(*train, *val, ks=self.ks, num_classes=self.num_classes)
+        # The same sharded extraction as `dinov3-jax eval` (no disk cache: the weights change).
+        train, val = (
+            extract_features(backbone, src, batch_size=self.batch_size, mesh=self.mesh, **self.kw)
+            for src in (self.train_source, self.val_source)
+        )
+        return knn_accuracy(train.cls, train.labels, val.cls, val.labels, ks=self.ks, num_classes=self.num_classes)
 
     def raw_pixels(self) -> dict[str, float]:
-        train_pipe, val_pipe = self._pipes()
+        train_pipe, val_pipe = (
+            build_eval_pipeline(s, batch=self.batch_size, **self.kw) for s in (self.train_source, self.val_source)
+        )
         return knn_accuracy(
             *raw_pixel_features(train_pipe), *raw_pixel_features(val_pipe), ks=self.ks, num_classes=self.num_classes
         )
@@ -312,7 +303,7 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
         if problem:
             print(f"k-NN evaluation skipped: {problem}")
         else:
-            evaluator = KnnEvaluator(cfg)
+            evaluator = KnnEvaluator(cfg, mesh)
 
     def teacher_backbone(state) -> DinoVisionTransformer:
         model = nnx.merge(teacher_def, nnx.State(jax.device_get(state["teacher"])))
