@@ -1,4 +1,4 @@
-"""The `dinov3-jax` command line: `train`, `convert`, `features`, `models`."""
+"""The `dinov3-jax` command line: `train`, `convert`, `features`, `eval`, `show`, `segment`, `models`."""
 
 from __future__ import annotations
 
@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="k-NN, linear-probe and logistic-regression evaluation of a backbone")
     eval_cli.add_arguments(ev)
     ev.set_defaults(run=eval_cli.run)
+
+    from dinov3_jax.eval import visualize
+
+    show = sub.add_parser("show", help="PNG pictures of patch features: pca, similarity, attention, foreground, match")
+    visualize.add_arguments(show)
+    show.set_defaults(run=visualize.run)
+
+    from dinov3_jax.eval import dense
+
+    seg = sub.add_parser("segment", help="linear segmentation probe on frozen patch features (mIoU)")
+    dense.add_arguments(seg)
+    seg.set_defaults(run=dense.run)
 
     models = sub.add_parser("models", help="list the known backbones")
     models.set_defaults(run=_models)

@@ -295,6 +295,20 @@ class SelfAttention(nnx.Module):
         out = ATTENTION[self.attention_impl](q, k, v)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
+    def attention_weights(self, x_bnd: Array, rope: tuple[Array, Array] | None, n_queries: int | None = None) -> Array:
+        """The softmax attention probabilities [B, heads, Nq, N] in fp32, through the same qkv
+        projection and RoPE as `__call__`. With `n_queries`, only the first `n_queries` tokens are
+        queries (e.g. CLS and registers), so the N×N matrix is never formed."""
+        b, n, d = x_bnd.shape
+        qkv = self.qkv(x_bnd).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(2))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if n_queries is not None:
+            q = q[:, :, :n_queries]
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        return jax.nn.softmax(logits.astype(jnp.float32) * q.shape[-1] ** -0.5, axis=-1)
+
 
 # --------------------------------------------------------------------------------------------
 # FFN, LayerScale, Block (RECIPE.md §1.5–1.6)

@@ -207,6 +207,21 @@ class DinoVisionTransformer(nnx.Module):
             results.append(item if len(item) > 1 else patches)
         return tuple(results)
 
+    def get_last_self_attention(self, x_bhwc: Array, prefix_only: bool = False) -> Array:
+        """Softmax attention probabilities of the last block (eval mode), fp32.
+
+        [B, heads, N, N] over all tokens [CLS, registers, patches]; with `prefix_only`, only the
+        CLS and register queries: [B, heads, 1+R, N] (what attention maps show; memory linear in N).
+        """
+        cfg = self.config
+        x = self.prepare_tokens_with_masks(x_bhwc)
+        h, w = self.patch_grid(x_bhwc.shape[1:3])
+        rope = rope_sin_cos(cfg, h, w)
+        for block in self.blocks[:-1]:
+            x = block(x, rope, None)
+        last = self.blocks[-1]
+        return last.attn.attention_weights(last.norm1(x), rope, self.n_prefix_tokens if prefix_only else None)
+
 
 def count_params(model: nnx.Module) -> int:
     """Number of parameters (buffers such as RoPE periods are not parameters here)."""
