@@ -314,3 +314,19 @@ def test_sinkhorn_low_temperature_does_not_overflow():
     out = np.asarray(sinkhorn_knopp(jnp.asarray(logits), 0.01))
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, np_sinkhorn(logits.astype(np.float64) - 100.0, 0.01), rtol=1e-5, atol=1e-7)
+
+
+def test_weight_normalised_prototypes_give_cosine_logits():
+    """`norm_last_layer` (DINO v1/v2 heads): logits are cosines between the normalised bottleneck
+    and each normalised prototype."""
+    from flax import nnx
+
+    from dinov3_jax.models.heads import DINOHead
+
+    head = DINOHead(16, 32, hidden_dim=24, bottleneck_dim=8, norm_last_layer=True, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 16)), jnp.float32)
+    z = np.asarray(head.mlp_and_norm(x))
+    w = np.asarray(head.last_layer.kernel[...])
+    expected = z @ (w / np.linalg.norm(w, axis=0, keepdims=True))
+    np.testing.assert_allclose(head(x), expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(head(x))).max() <= 1 + 1e-6

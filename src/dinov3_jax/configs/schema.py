@@ -91,7 +91,7 @@ class Dino:
     head_n_prototypes: int = 65536
     # Bottleneck width of the DINO head.
     head_bottleneck_dim: int = 256
-    # Weight-normalised last layer (only logged upstream; no effect).
+    # Weight-normalised last layer (DINO v1/v2: cosine logits); upstream DINOv3 only logs this key.
     head_norm_last_layer: bool = False
     # Number of MLP layers of the DINO head.
     head_nlayers: int = 3
@@ -137,7 +137,7 @@ class Ibot:
     head_n_prototypes: int = 65536
     # Bottleneck width of the iBOT head.
     head_bottleneck_dim: int = 256
-    # Weight-normalised last layer (only logged upstream; no effect).
+    # Weight-normalised last layer (DINO v1/v2: cosine logits); upstream DINOv3 only logs this key.
     head_norm_last_layer: bool = False
     # Number of MLP layers of the iBOT head.
     head_nlayers: int = 3
@@ -618,12 +618,10 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "MODEL.DEVICE": "JAX picks the devices",
     "MODEL.WEIGHTS": "",
     "MODEL.DTYPE": "see compute_precision",
-    "dino.head_norm_last_layer": "the DINOv3 heads have no weight-normalised last layer",
     "dino.koleo_topk": "KoLeo uses the single nearest neighbour",
     "dino.koleo_distributed_replicas": "",
     "dino.koleo_distributed_loss_group_data": "",
     "dino.force_weight_norm": "",
-    "ibot.head_norm_last_layer": "the DINOv3 heads have no weight-normalised last layer",
     "ibot.mask_random_circular_shift": "",
     "ibot.force_masking_even_with_zero_weight": "",
     "gram.compute_stats": "",

@@ -62,6 +62,7 @@ class DINOHead(nnx.Module):
         dtype: Any = "float32",
         param_dtype: Any = "float32",
         fp32_logits: bool = False,
+        norm_last_layer: bool = False,
         rngs: nnx.Rngs,
     ):
         if nlayers < 1:
@@ -69,6 +70,7 @@ class DINOHead(nnx.Module):
         self.dtype = _dtype(dtype)
         self.param_dtype = _dtype(param_dtype)
         self.fp32_logits = fp32_logits
+        self.norm_last_layer = norm_last_layer
         # F.normalize eps: 1e-6 only for fp16 activations (1e-12 underflows there); bf16 uses 1e-12.
         self.norm_eps = 1e-6 if self.dtype == jnp.float16 else 1e-12
 
@@ -112,8 +114,18 @@ class DINOHead(nnx.Module):
         return x if self.fp32_logits else x.astype(self.dtype)
 
     def apply_last_layer(self, x: Array) -> Array:
-        """Prototype logits [..., K] of a normalised bottleneck (official `only_last_layer=True`)."""
-        return self.last_layer(x)
+        """Prototype logits [..., K] of a normalised bottleneck (official `only_last_layer=True`).
+
+        With `norm_last_layer` each prototype is L2-normalised first (the weight-normalised last
+        layer of DINO v1/v2 with its scale fixed to 1), so logits are cosines in [-1, 1]: the
+        teacher's targets are sharp from the first step instead of waiting for the small
+        initial prototypes (std 0.02) to grow, which matters for short runs. DINOv3 uses a plain
+        linear layer (the default)."""
+        if not self.norm_last_layer:
+            return self.last_layer(x)
+        kernel = self.last_layer.kernel[...]
+        kernel = kernel / jnp.maximum(jnp.linalg.norm(kernel.astype(jnp.float32), axis=0, keepdims=True), 1e-12)
+        return jnp.dot(x, kernel.astype(x.dtype))
 
     def __call__(self, x: Array) -> Array:
         return self.apply_last_layer(self.mlp_and_norm(x))

@@ -54,13 +54,16 @@ class TrainingDiverged(RuntimeError):
 
 
 def head_configs(cfg: Config) -> tuple[HeadConfig, HeadConfig]:
-    dino = HeadConfig(
-        cfg.dino.head_n_prototypes, cfg.dino.head_bottleneck_dim, cfg.dino.head_hidden_dim, cfg.dino.head_nlayers
-    )
-    ibot = HeadConfig(
-        cfg.ibot.head_n_prototypes, cfg.ibot.head_bottleneck_dim, cfg.ibot.head_hidden_dim, cfg.ibot.head_nlayers
-    )
-    return dino, ibot
+    def head(section) -> HeadConfig:
+        return HeadConfig(
+            section.head_n_prototypes,
+            section.head_bottleneck_dim,
+            section.head_hidden_dim,
+            section.head_nlayers,
+            section.head_norm_last_layer,
+        )
+
+    return head(cfg.dino), head(cfg.ibot)
 
 
 def loss_config(cfg: Config, koleo_groups: int) -> LossConfig:

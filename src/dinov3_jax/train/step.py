@@ -37,6 +37,8 @@ class HeadConfig:
     bottleneck_dim: int
     hidden_dim: int
     nlayers: int = 3
+    # DINO v1/v2 weight-normalised prototypes (cosine logits); DINOv3: False.
+    norm_last_layer: bool = False
 
 
 class SSLModel(nnx.Module):
@@ -51,6 +53,7 @@ class SSLModel(nnx.Module):
             hidden_dim=dino_head.hidden_dim,
             bottleneck_dim=dino_head.bottleneck_dim,
             nlayers=dino_head.nlayers,
+            norm_last_layer=dino_head.norm_last_layer,
             **kw,
         )
         self.ibot_head = DINOHead(
@@ -59,6 +62,7 @@ class SSLModel(nnx.Module):
             hidden_dim=ibot_head.hidden_dim,
             bottleneck_dim=ibot_head.bottleneck_dim,
             nlayers=ibot_head.nlayers,
+            norm_last_layer=ibot_head.norm_last_layer,
             **kw,
         )
 
