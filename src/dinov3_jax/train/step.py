@@ -46,25 +46,22 @@ class SSLModel(nnx.Module):
 
     def __init__(self, vit: ViTConfig, dino_head: HeadConfig, ibot_head: HeadConfig, *, rngs: nnx.Rngs):
         self.backbone = DinoVisionTransformer(vit, rngs=rngs)
-        kw = dict(dtype=vit.dtype, param_dtype=vit.param_dtype, rngs=rngs)
-        self.dino_head = DINOHead(
-            vit.embed_dim,
-            dino_head.n_prototypes,
-            hidden_dim=dino_head.hidden_dim,
-            bottleneck_dim=dino_head.bottleneck_dim,
-            nlayers=dino_head.nlayers,
-            norm_last_layer=dino_head.norm_last_layer,
-            **kw,
-        )
-        self.ibot_head = DINOHead(
-            vit.embed_dim,
-            ibot_head.n_prototypes,
-            hidden_dim=ibot_head.hidden_dim,
-            bottleneck_dim=ibot_head.bottleneck_dim,
-            nlayers=ibot_head.nlayers,
-            norm_last_layer=ibot_head.norm_last_layer,
-            **kw,
-        )
+
+        def head(h: HeadConfig) -> DINOHead:
+            return DINOHead(
+                vit.embed_dim,
+                h.n_prototypes,
+                hidden_dim=h.hidden_dim,
+                bottleneck_dim=h.bottleneck_dim,
+                nlayers=h.nlayers,
+                norm_last_layer=h.norm_last_layer,
+                dtype=vit.dtype,
+                param_dtype=vit.param_dtype,
+                rngs=rngs,
+            )
+
+        self.dino_head = head(dino_head)
+        self.ibot_head = head(ibot_head)
 
 
 @dataclasses.dataclass(frozen=True)
