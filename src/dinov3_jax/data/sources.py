@@ -89,7 +89,21 @@ def _check_index(index: int, n: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-class FolderSource:
+class _NamedClasses:
+    """`num_classes` / `class_names` from the `_class_names` list a source fills in."""
+
+    _class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._class_names)
+
+
+class FolderSource(_NamedClasses):
     """All images under ``path`` (recursive, sorted). Labels come from the first-level class
     subfolders when every image sits inside one (ImageNet layout), else they are -1."""
 
@@ -120,16 +134,8 @@ class FolderSource:
         index = _check_index(index, len(self))
         return load_image(self.root / self.files[index]), int(self.labels[index])
 
-    @property
-    def num_classes(self) -> int:
-        return len(self._class_names)
 
-    @property
-    def class_names(self) -> list[str]:
-        return list(self._class_names)
-
-
-class FileListSource:
+class FileListSource(_NamedClasses):
     """A text file with one image path per line, optionally followed by a tab and an int label.
     Relative paths are resolved against the list file's folder; blank lines and ``#`` comments are
     ignored."""
@@ -168,14 +174,6 @@ class FileListSource:
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         index = _check_index(index, len(self))
         return load_image(self.files[index]), int(self.labels[index])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self._class_names)
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self._class_names)
 
 
 # ---------------------------------------------------------------------------------------------
