@@ -311,6 +311,10 @@ def test_choice_error_suggests():
         (["data.knn_val_samples=0"], "data.knn_val_samples"),
         (["crops.global_crops_size=[32,64]", "crops.local_crops_size=[16,16]"], "global_local_crop_pairs_ratios"),
         (["ibot.separate_head=false"], "ibot.separate_head"),
+        (["crops.color_jitter=[0.4,0.4,0.2,0.6]"], "crops.color_jitter"),
+        (["crops.grayscale_prob=1.5"], "crops.grayscale_prob"),
+        (["distributed.coordinator_address=10.0.0.1:1234"], "distributed.enabled"),
+        (["distributed.enabled=true", "distributed.num_processes=2", "distributed.process_id=2"], "process_id"),
     ],
 )
 def test_impossible_values_are_named(overrides, key):

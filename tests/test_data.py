@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dinov3_jax.configs import load_config
 from dinov3_jax.data import augment as A
 from dinov3_jax.data.masking import MaskingGenerator, collate_masks, mask_targets, max_masked_tokens
 from dinov3_jax.data.pipeline import build_eval_pipeline, build_train_pipeline
@@ -97,6 +98,24 @@ def test_effective_blur_and_solarize_probabilities():
     assert abs(rate["global2"]["solarize"] - 0.2) < 0.06
     for c in rate:
         assert abs(rate[c]["jitter"] - 0.8) < 0.06 and abs(rate[c]["grayscale"] - 0.2) < 0.06
+
+
+def test_colour_jitter_strength_and_probabilities_are_configurable():
+    """The project's crops.color_jitter / color_jitter_prob / grayscale_prob keys reach the ops."""
+    img = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    kw = dict(global_crops_size=8, local_crops_size=8, local_crops_number=1, global_crops_scale=(1.0, 1.0))
+    never = A.DataAugmentationDINO(**kw, color_jitter_prob=0.0, grayscale_prob=0.0)
+    always = A.DataAugmentationDINO(**kw, color_jitter_prob=1.0, grayscale_prob=1.0)
+    for aug, expected in ((never, False), (always, True)):
+        trace: list[dict] = []
+        for seed in range(20):
+            aug(img, np.random.default_rng(seed), trace=trace)
+        assert all(t["jitter"] == expected and t["grayscale"] == expected for t in trace)
+    # Jitter strengths: zero strengths leave the image as it is; full hue rotation changes it.
+    still = A.color_jitter(Image.fromarray(img), np.random.default_rng(0), 0.0, 0.0, 0.0, 0.0)
+    assert np.array_equal(np.asarray(still), img)
+    cfg = load_config("tiny_cpu", ["crops.color_jitter=[0,0,0,0.5]", "crops.color_jitter_prob=1"])
+    assert A.AugmentConfig.from_any(cfg.crops).color_jitter == (0.0, 0.0, 0.0, 0.5)
 
 
 def test_photometric_ops():

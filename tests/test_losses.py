@@ -330,3 +330,16 @@ def test_weight_normalised_prototypes_give_cosine_logits():
     expected = z @ (w / np.linalg.norm(w, axis=0, keepdims=True))
     np.testing.assert_allclose(head(x), expected, rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(head(x))).max() <= 1 + 1e-6
+
+
+def test_prototype_init_std():
+    """`head_last_layer_init_std` sets the spread of the initial prototypes (official 0.02); the
+    hidden layers keep theirs."""
+    from flax import nnx
+
+    from dinov3_jax.models.heads import DINOHead
+
+    for std in (0.02, 0.125):
+        head = DINOHead(16, 512, hidden_dim=24, bottleneck_dim=64, last_layer_init_std=std, rngs=nnx.Rngs(0))
+        assert np.std(np.asarray(head.last_layer.kernel[...])) == pytest.approx(std, rel=0.03)
+        assert np.std(np.asarray(head.mlp[0].kernel[...])) == pytest.approx(0.02, rel=0.1)

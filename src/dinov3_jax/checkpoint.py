@@ -63,7 +63,9 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()),
         )
-        data = restored.data.get(f"process_{jax.process_index()}")
+        # Only the primary process writes the JSON item. Every process's stream consumes the same
+        # number of elements per step, so process 0's position is every process's position.
+        data = restored.data.get(f"process_{jax.process_index()}", restored.data.get("process_0"))
         return restored.state, _decode_iterator_state(data)
 
     def wait(self) -> None:

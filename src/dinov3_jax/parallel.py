@@ -31,6 +31,32 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """Joins a multi-process run (`jax.distributed.initialize`) unless this process already has.
+
+    Must run before anything touches the devices. Arguments left as None are detected by JAX
+    (SLURM, Open MPI, Cloud TPU, or the JAX_COORDINATOR_ADDRESS variable). Afterwards
+    `jax.devices()` lists every process's devices, so the same mesh and the same jitted step span
+    all hosts; each process feeds its own slice of the batch (`host_to_global`)."""
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def gather_to_host(tree):
+    """A pytree of (possibly sharded, multi-process) arrays → NumPy on every process."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp) mesh over all devices (or `devices`); `data=-1` takes what fsdp leaves."""
     devices = list(devices if devices is not None else jax.devices())

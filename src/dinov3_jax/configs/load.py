@@ -464,6 +464,14 @@ def validate(cfg: Config) -> None:
         if not 0 < lo <= hi <= 1:
             err(key, f"must satisfy 0 < min ≤ max ≤ 1, got {[lo, hi]}")
     at_least("crops.local_crops_number", 0)
+    bri, con, sat, hue = c.color_jitter
+    if min(bri, con, sat) < 0 or not 0 <= hue <= 0.5:
+        err(
+            "crops.color_jitter",
+            f"needs brightness, contrast, saturation ≥ 0 and hue in [0, 0.5], got {c.color_jitter}",
+        )
+    in_range("crops.color_jitter_prob", 0, 1)
+    in_range("crops.grayscale_prob", 0, 1)
     if any(v <= 0 for v in c.rgb_std):
         err("crops.rgb_std", f"must be positive, got {c.rgb_std}")
 
@@ -485,6 +493,8 @@ def validate(cfg: Config) -> None:
         ):
             at_least(f"{head}.{key}", lo_)
         at_least(f"{head}.loss_weight", 0)
+        if get_key(cfg, f"{head}.head_last_layer_init_std") <= 0:
+            err(f"{head}.head_last_layer_init_std", "must be > 0")
     at_least("dino.koleo_loss_weight", 0)
     at_least("dino.koleo_distributed_loss_group_size", 1)
     if cfg.dino.koleo_loss_weight > 0 and not cfg.dino.koleo_loss_distributed and cfg.train.batch_size_per_gpu < 2:
@@ -558,6 +568,12 @@ def validate(cfg: Config) -> None:
     if cfg.mesh.data != -1 and cfg.mesh.data < 1:
         err("mesh.data", f"must be -1 (all devices) or ≥ 1, got {cfg.mesh.data}")
     at_least("mesh.fsdp", 1)
+    dist = cfg.distributed
+    at_least("distributed.num_processes", 1)
+    if dist.process_id is not None and not 0 <= dist.process_id < (dist.num_processes or dist.process_id + 1):
+        err("distributed.process_id", f"must be in [0, num_processes={dist.num_processes}), got {dist.process_id}")
+    if not dist.enabled and (dist.coordinator_address or dist.num_processes or dist.process_id is not None):
+        err("distributed.enabled", "is false, but coordinator_address/num_processes/process_id are set")
     d = cfg.data
     if d.source in ("folder", "filelist") and not d.path:
         err("data.path", f"must be set for data.source={d.source}")

@@ -93,6 +93,8 @@ class Dino:
     head_bottleneck_dim: int = 256
     # Weight-normalised last layer (DINO v1/v2: cosine logits); upstream DINOv3 only logs this key.
     head_norm_last_layer: bool = False
+    # Project addition: std of the prototypes' normal initialisation (official 0.02).
+    head_last_layer_init_std: float = 0.02
     # Number of MLP layers of the DINO head.
     head_nlayers: int = 3
     # Hidden width of the DINO head MLP.
@@ -139,6 +141,8 @@ class Ibot:
     head_bottleneck_dim: int = 256
     # Weight-normalised last layer (DINO v1/v2: cosine logits); upstream DINOv3 only logs this key.
     head_norm_last_layer: bool = False
+    # Project addition: std of the prototypes' normal initialisation (official 0.02).
+    head_last_layer_init_std: float = 0.02
     # Number of MLP layers of the iBOT head.
     head_nlayers: int = 3
     # Hidden width of the iBOT head MLP.
@@ -425,6 +429,12 @@ class Crops:
     share_color_jitter: bool = False
     # Random horizontal flips.
     horizontal_flips: bool = True
+    # Project addition: colour-jitter strengths (brightness, contrast, saturation, hue); official values.
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    # Project addition: probability of the colour jitter (official 0.8).
+    color_jitter_prob: float = 0.8
+    # Project addition: probability of grayscale (official 0.2).
+    grayscale_prob: float = 0.2
     # Gram-teacher crops without photometric distortions.
     gram_teacher_no_distortions: bool = False
     # Normalisation mean.
@@ -496,6 +506,22 @@ class Mesh:
     data: int = -1
     # Parameter-sharding axis size.
     fsdp: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """Project addition: multi-process runs through `jax.distributed.initialize` (one process per
+    host, or per GPU). Every process runs the same command with the same config; only
+    `process_id` differs (or comes from the cluster: SLURM, Open MPI, Cloud TPU)."""
+
+    # Join a multi-process run; false = this process is the whole run.
+    enabled: bool = False
+    # host:port of process 0; None = detected from the cluster or JAX_COORDINATOR_ADDRESS.
+    coordinator_address: str | None = None
+    # Number of processes; None = detected from the cluster.
+    num_processes: int | None = None
+    # This process's rank in [0, num_processes); None = detected from the cluster.
+    process_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -600,6 +626,8 @@ class Config:
     schedules: Schedules | None = None
     # Project addition: device mesh.
     mesh: Mesh = Mesh()
+    # Project addition: multi-process (multi-host) runs.
+    distributed: Distributed = Distributed()
     # Project addition: data sources.
     data: Data = Data()
     # Project addition: logging, evaluation, run length.
@@ -609,7 +637,7 @@ class Config:
 
 
 # Sections with no official counterpart (documented as project additions).
-PROJECT_SECTIONS = ("mesh", "data", "runtime", "compat")
+PROJECT_SECTIONS = ("mesh", "distributed", "data", "runtime", "compat")
 
 # Official keys that this implementation reads nowhere: accepted, with a one-line warning when
 # they are given a value other than the official default. Value = hint appended to the warning.

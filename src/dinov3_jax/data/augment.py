@@ -40,6 +40,11 @@ class AugmentConfig:
     global_crops_scale: tuple[float, float] = (0.32, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
     horizontal_flips: bool = True
+    # Project additions (official values): brightness, contrast, saturation, hue jitter strengths,
+    # the probability of the jitter and of grayscale.
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    color_jitter_prob: float = COLOR_JITTER_P
+    grayscale_prob: float = GRAYSCALE_P
     rgb_mean: tuple[float, float, float] = IMAGENET_MEAN
     rgb_std: tuple[float, float, float] = IMAGENET_STD
 
@@ -63,7 +68,7 @@ class AugmentConfig:
                 if len(values[k]) != 1:
                     raise NotImplementedError(f"crops.{k}={values[k]}: multi-resolution crops are not supported")
                 values[k] = values[k][0]
-        for k in ("global_crops_scale", "local_crops_scale", "rgb_mean", "rgb_std"):
+        for k in ("global_crops_scale", "local_crops_scale", "color_jitter", "rgb_mean", "rgb_std"):
             if k in values:
                 values[k] = tuple(float(x) for x in values[k])
         return cls(**values)
@@ -229,10 +234,10 @@ class DataAugmentationDINO:
         solarize_p: float = 0.0,
         trace: dict[str, bool] | None = None,
     ) -> np.ndarray:
-        applied = {"jitter": rng.random() < COLOR_JITTER_P}
+        applied = {"jitter": rng.random() < self.cfg.color_jitter_prob}
         if applied["jitter"]:
-            img = color_jitter(img, rng)
-        applied["grayscale"] = rng.random() < GRAYSCALE_P
+            img = color_jitter(img, rng, *self.cfg.color_jitter)
+        applied["grayscale"] = rng.random() < self.cfg.grayscale_prob
         if applied["grayscale"]:
             img = grayscale(img)
         applied["blur"] = rng.random() < blur_p

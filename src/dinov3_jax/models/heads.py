@@ -63,6 +63,7 @@ class DINOHead(nnx.Module):
         param_dtype: Any = "float32",
         fp32_logits: bool = False,
         norm_last_layer: bool = False,
+        last_layer_init_std: float = 0.02,
         rngs: nnx.Rngs,
     ):
         if nlayers < 1:
@@ -88,17 +89,20 @@ class DINOHead(nnx.Module):
             ("bottleneck", "prototypes"),
             use_bias=False,
             dtype=jnp.float32 if fp32_logits else self.dtype,
+            init=nnx.initializers.normal(stddev=last_layer_init_std),
             rngs=rngs,
         )
 
-    def _linear(self, din: int, dout: int, axes, *, use_bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    def _linear(
+        self, din: int, dout: int, axes, *, use_bias: bool, dtype, rngs: nnx.Rngs, init=linear_init
+    ) -> nnx.Linear:
         return nnx.Linear(
             din,
             dout,
             use_bias=use_bias,
             dtype=dtype,
             param_dtype=self.param_dtype,
-            kernel_init=logical(linear_init, *axes),
+            kernel_init=logical(init, *axes),
             bias_init=logical(nnx.initializers.zeros_init(), axes[1]),
             rngs=rngs,
         )

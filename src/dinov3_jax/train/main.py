@@ -61,6 +61,7 @@ def head_configs(cfg: Config) -> tuple[HeadConfig, HeadConfig]:
             section.head_hidden_dim,
             section.head_nlayers,
             section.head_norm_last_layer,
+            section.head_last_layer_init_std,
         )
 
     return head(cfg.dino), head(cfg.ibot)
@@ -260,12 +261,15 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
     `stop_at` ends the run early after that step with a checkpoint, as a preemption would; calling
     `train` again with the same config resumes it exactly.
     """
+    if cfg.distributed.enabled:  # before anything touches the devices
+        d = cfg.distributed
+        parallel.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
     # ------------------------------------------------------------------ Output
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved = config_to_yaml(cfg)
-    (out / "config.yaml").write_text(resolved)
     if jax.process_index() == 0:
+        (out / "config.yaml").write_text(resolved)
         print(resolved)
     writer = MetricsWriter(out) if jax.process_index() == 0 else None
 
@@ -306,10 +310,13 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
         if problem:
             print(f"k-NN evaluation skipped: {problem}")
         else:
-            evaluator = KnnEvaluator(cfg, mesh)
+            # Every process evaluates on its own devices with a full copy of the teacher (the k-NN
+            # split is small): no cross-host feature gathering.
+            local_mesh = mesh if jax.process_count() == 1 else parallel.make_mesh(devices=jax.local_devices())
+            evaluator = KnnEvaluator(cfg, local_mesh)
 
     def teacher_backbone(state) -> DinoVisionTransformer:
-        model = nnx.merge(teacher_def, nnx.State(jax.device_get(state["teacher"])))
+        model = nnx.merge(teacher_def, nnx.State(parallel.gather_to_host(state["teacher"])))
         return model.backbone
 
     def evaluate(step: int, state) -> dict[str, float]:
@@ -372,7 +379,9 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
     backbone = teacher_backbone(state)
     from dinov3_jax.weights import save_backbone
 
-    export = save_backbone(backbone, out / "teacher_backbone.safetensors")
+    export = out / "teacher_backbone.safetensors"
+    if jax.process_index() == 0:
+        save_backbone(backbone, export)
     result: dict[str, Any] = {
         "steps": steps,
         "seconds": elapsed,
@@ -386,11 +395,13 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
         result["knn_teacher"] = evaluate(steps, state)
         result["knn_raw_pixels"] = evaluator.raw_pixels()
         # The same network as it was before training (same seed, same initialisation).
-        random_init = nnx.merge(teacher_def, nnx.State(jax.device_get(run.init_params(cfg.train.seed))))
+        random_init = nnx.merge(teacher_def, nnx.State(parallel.gather_to_host(run.init_params(cfg.train.seed))))
         result["knn_random_init"] = evaluator(random_init.backbone)
     if writer:
         writer.close()
-    (out / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "state"}, indent=2) + "\n")
+    if jax.process_index() == 0:
+        summary = {k: v for k, v in result.items() if k != "state"}
+        (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     return result
 
 

@@ -39,6 +39,8 @@ class HeadConfig:
     nlayers: int = 3
     # DINO v1/v2 weight-normalised prototypes (cosine logits); DINOv3: False.
     norm_last_layer: bool = False
+    # Std of the prototypes' initialisation (DINOv3: 0.02).
+    last_layer_init_std: float = 0.02
 
 
 class SSLModel(nnx.Module):
@@ -55,6 +57,7 @@ class SSLModel(nnx.Module):
                 bottleneck_dim=h.bottleneck_dim,
                 nlayers=h.nlayers,
                 norm_last_layer=h.norm_last_layer,
+                last_layer_init_std=h.last_layer_init_std,
                 dtype=vit.dtype,
                 param_dtype=vit.param_dtype,
                 rngs=rngs,
