@@ -4,7 +4,7 @@ then k-NN top-1 of the trained teacher on the 10k test images against k-NN on ra
 
 Needs Debian's `dataset-fashion-mnist` package (apt-get install dataset-fashion-mnist).
 
-    .venv/bin/python benchmarks/fashion_mnist_knn.py --steps 3000 --out runs/fmnist
+    .venv/bin/python benchmarks/fashion_mnist_knn.py --steps 1200 --out runs/fmnist
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def raw_pixel_knn(ks) -> dict[str, float]:
     train, test = FashionMNISTSource(split="train"), FashionMNISTSource(split="test")
 
     def arrays(src):
-        x = np.stack([np.asarray(src[i][0].convert("L"), np.float32).ravel() / 255 for i in range(len(src))])
+        x = np.stack(
+            [np.asarray(src[i][0], np.float32).reshape(28, 28, -1)[..., 0].ravel() / 255 for i in range(len(src))]
+        )
         y = np.array([src[i][1] for i in range(len(src))])
         return x, y
 
@@ -48,8 +50,8 @@ def raw_pixel_knn(ks) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000, help="training steps (the budget)")
-    parser.add_argument("--epoch-length", type=int, default=300, help="steps per schedule 'epoch'")
+    parser.add_argument("--steps", type=int, default=1200, help="training steps (the budget)")
+    parser.add_argument("--epoch-length", type=int, default=100, help="steps per schedule 'epoch'")
     parser.add_argument("--out", default="runs/fashion_mnist", help="output folder (resumes if it has checkpoints)")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args()

@@ -172,9 +172,10 @@ def test_probe_learns_the_builtin_masks():
 
 def test_builtin_masks_end_to_end_with_tiny_model(tmp_path):
     """The built-in dataset through the tiny random model and the CLI entry point. Shapes and
-    backgrounds have random colours in every image, so random-init features cannot separate them
-    linearly (measured: val mIoU ≈ the all-background floor): this checks the pipeline and that
-    the probe does no worse than the floor, not that it learns."""
+    backgrounds have random grey levels, tints and blotches in every image, so random-init
+    features at 16-px patches do not separate them linearly (measured: val mIoU ≈ the
+    all-background floor): this checks the pipeline and that the probe does no worse than the
+    floor, not that it learns."""
     parser = argparse.ArgumentParser()
     dense.add_arguments(parser)
     out = tmp_path / "seg.json"

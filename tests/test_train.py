@@ -5,6 +5,7 @@ bitwise identical to an uninterrupted one."""
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import numpy as np
@@ -240,3 +241,13 @@ def test_bf16_compute_step_is_finite():
     assert all(m["finite"] and np.isfinite(m["loss"]) for m in metrics)
     qkv = states[-1]["student"]["backbone"]["blocks"][0]["attn"]["qkv"]["kernel"]
     assert qkv.dtype == np.float32  # parameters stay fp32
+
+
+def test_global_crops_only(tmp_path):
+    """crops.local_crops_number=0 (no local crops) trains on the global crops alone: finite losses,
+    no local DINO term."""
+    cfg = micro_config("crops.local_crops_number=0", "runtime.max_steps=2", f"train.output_dir={tmp_path}")
+    result = train(cfg, progress=False)
+    assert result["skipped_steps"] == 0 and np.isfinite(result["loss"])
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["dino_local"] == 0.0 and m["dino_global"] > 0 for m in logged if "dino_local" in m)

@@ -312,9 +312,12 @@ def _polygon(name: str) -> np.ndarray:
 class SyntheticSource:
     """Procedurally generated labelled images of 10 shape classes (``SYNTHETIC_CLASSES``).
 
-    Class identity is the shape only: colours, scale, rotation, position and a textured noisy
-    background are random, so k-NN on raw pixels does poorly while the task is easy for a model
-    that learned shapes. Item ``i`` is a pure function of ``(seed, split, i)``; labels are
+    Class identity is the shape only: grey level, tint, scale, rotation, position and a blotchy
+    noisy background are random, so k-NN on raw pixels does poorly while the task is easy for a
+    model that learned shapes. Shapes are grey (dark on a light background or light on a dark
+    one) rather than saturated colours: a random colour per image is the first thing a
+    self-supervised model latches onto (two crops of one image are matched by their colours,
+    which carry no class), and with coloured shapes the tiny recipe learned colour, not shape. Item ``i`` is a pure function of ``(seed, split, i)``; labels are
     ``i % num_classes`` (balanced; the first ``num_classes`` shapes, at most 10). ``get_mask(i)`` gives the per-pixel mask (0 background, label+1 on the
     shape) for segmentation probes."""
 
@@ -372,7 +375,10 @@ class SyntheticSource:
         dx, dy = (xx - cx) / radius, (yy - cy) / radius
         c, sn = np.cos(theta), np.sin(theta)
         u, v = c * dx + sn * dy, -sn * dx + c * dy  # pixel → shape frame (inverse rotation)
-        fg_colour = self._contrasting_colour(rng, background.reshape(-1, 3).mean(0))
+        # A grey shape (lightly tinted), dark on a light background or light on a dark one.
+        light_background = background.mean() > 128
+        grey = rng.uniform(10, 70) if light_background else rng.uniform(185, 245)
+        fg_colour = (grey + rng.uniform(-20, 20, size=3)).astype(np.float32)
         fg = np.broadcast_to(fg_colour, (s, s, 3)).astype(np.float32)
         if name == "circle":
             mask = u**2 + v**2 <= 1.0
@@ -393,8 +399,7 @@ class SyntheticSource:
                 pattern = np.floor(u / period) % 2 == 0
             else:
                 pattern = (np.floor(u / period) + np.floor(v / period)) % 2 == 0
-            second = self._contrasting_colour(rng, fg_colour)
-            fg = np.where(pattern[..., None], fg, second)
+            fg = np.where(pattern[..., None], fg, 255.0 - fg_colour)
         else:  # polygon classes
             verts = _polygon(name) * radius
             px = cx + c * verts[:, 0] - sn * verts[:, 1]
@@ -408,23 +413,17 @@ class SyntheticSource:
 
     @staticmethod
     def _background(rng: np.random.Generator, s: int) -> np.ndarray:
-        """A smooth random colour field plus blotchy low-frequency texture and pixel noise."""
+        """A dark or light grey level with a muted random colour field, blotchy low-frequency
+        texture and pixel noise."""
         corners = rng.uniform(0, 255, size=(3, 3, 3)).astype(np.uint8)
         field = np.asarray(Image.fromarray(corners).resize((s, s), Image.BILINEAR), np.float32)
+        field = rng.choice([70.0, 185.0]) + 0.3 * (field - 128.0)
         k = max(2, s // 6)
         blotch = rng.normal(0, 25.0, size=(k, k, 3)).astype(np.float32)
         blotch_img = np.stack(
             [np.asarray(Image.fromarray(blotch[..., i], mode="F").resize((s, s), Image.BICUBIC)) for i in range(3)], -1
         )
         return field + blotch_img + rng.normal(0, 12.0, size=(s, s, 3)).astype(np.float32)
-
-    @staticmethod
-    def _contrasting_colour(rng: np.random.Generator, ref: np.ndarray, min_dist: float = 110.0) -> np.ndarray:
-        for _ in range(32):
-            colour = rng.uniform(0, 255, size=3)
-            if np.linalg.norm(colour - ref) >= min_dist:
-                return colour.astype(np.float32)
-        return (255.0 - np.asarray(ref, np.float32)).clip(0, 255)
 
 
 # ---------------------------------------------------------------------------------------------

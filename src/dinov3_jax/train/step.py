@@ -158,15 +158,18 @@ def student_losses(student: SSLModel, batch: dict, targets, key: Array, local_we
     k_global, k_local = jax.random.split(key)
     masks = batch["masks"].reshape(b * 2, -1)
     out_g = student.backbone.forward_features(g.reshape(b * 2, *g.shape[2:]), masks, training=True, key=k_global)
-    out_l = student.backbone.forward_features(
-        loc.reshape(b * n_local, *loc.shape[2:]), training=True, key=k_local, local_crops=True
-    )
     s_global = _crops_first(student.dino_head(out_g["x_norm_clstoken"]), b)
-    s_local = _crops_first(student.dino_head(out_l["x_norm_clstoken"]), b)
     patches = out_g["x_norm_patchtokens"]
     s_patch = student.ibot_head(patches.reshape(-1, patches.shape[-1])[batch["mask_indices"]])
 
-    dino_local = dino_loss(s_local, dino_t, student_temp=lc.student_temp, ignore_diagonal=False)
+    if n_local:
+        out_l = student.backbone.forward_features(
+            loc.reshape(b * n_local, *loc.shape[2:]), training=True, key=k_local, local_crops=True
+        )
+        s_local = _crops_first(student.dino_head(out_l["x_norm_clstoken"]), b)
+        dino_local = dino_loss(s_local, dino_t, student_temp=lc.student_temp, ignore_diagonal=False)
+    else:  # global crops only (crops.local_crops_number=0): no local term, the global one has all the weight
+        dino_local = jnp.zeros((), jnp.float32)
     dino_global = dino_loss(s_global, dino_t, student_temp=lc.student_temp, ignore_diagonal=lc.global_ignore_diagonal)
     ibot = ibot_loss(s_patch, ibot_t, batch["mask_weights"], n_images=2 * b, student_temp=lc.student_temp)
     cls = out_g["x_norm_clstoken"].reshape(b, 2, -1)
