@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from dinov3_jax.eval import dense
+from dinov3_jax.models.registry import create_backbone
 from dinov3_jax.weights import load_backbone
 
 COLOURS = [(40, 60, 170), (220, 40, 40), (40, 200, 60)]  # background, class 1, class 2
@@ -170,23 +171,32 @@ def test_probe_learns_the_builtin_masks():
     assert metrics["pixel_accuracy"] > 0.9
 
 
-def test_builtin_masks_end_to_end_with_tiny_model(tmp_path):
-    """The built-in dataset through the tiny random model and the CLI entry point. Shapes and
-    backgrounds have random grey levels, tints and blotches in every image, so random-init
-    features at 16-px patches do not separate them linearly (measured: val mIoU ≈ the
-    all-background floor): this checks the pipeline and that the probe does no worse than the
-    floor, not that it learns."""
+def test_probe_learns_the_builtin_masks_from_backbone_features():
+    """The built-in images through a real (randomly initialised) tiny ViT with 8-px patches: its
+    patch features carry the dark-on-light shapes, and the probe must turn them into
+    foreground masks at pixel resolution, well above always predicting background."""
+    train = dense.SyntheticMasks(32, image_size=64, binary=True)
+    val = dense.SyntheticMasks(16, image_size=64, split="val", binary=True)
+    model = create_backbone("dinov3_vit_tiny", patch_size=8)
+    result = dense.run_segmentation_probe(model, train, val, resolution=64, steps=200, lr=1e-2)
+    assert result["num_classes"] == 2 and result["n_train"] == 32
+    assert result["miou"] > 0.6, result
+    assert result["miou"] > result["all_background_miou"] + 0.2, result
+
+
+def test_builtin_masks_through_the_cli(tmp_path):
+    """`dinov3-jax eval seg` on the built-in dataset writes its metrics, and the probe learns."""
     parser = argparse.ArgumentParser()
     dense.add_arguments(parser)
     out = tmp_path / "seg.json"
-    flags = "--model dinov3_vit_tiny --resolution 64 --binary --synthetic-samples 16 --steps 60 --lr 1e-2"
+    flags = "--model dinov3_vit_tiny --resolution 128 --binary --synthetic-samples 16 --steps 100 --lr 1e-2"
     args = parser.parse_args([*flags.split(), "--out", str(out)])
     assert dense.run(args) == 0
     result = json.loads(out.read_text())
     assert result["num_classes"] == 2 and result["n_train"] == 16
     for key in ("miou", "pixel_accuracy", "all_background_miou"):
         assert 0.0 <= result[key] <= 1.0
-    assert result["train"]["miou"] >= result["all_background_miou"] - 0.05
+    assert result["train"]["miou"] > result["all_background_miou"] + 0.1, result
 
 
 def test_pixel_cross_entropy_ignores_255():

@@ -1,6 +1,7 @@
 """Two processes joined by `jax.distributed` on 127.0.0.1 train as one run: each feeds its own
-slice of the batch to one global jitted step, and the losses are those of one process computing
-the same global batch on the same two-device mesh."""
+slice of the batch to one global jitted step, and the losses and the exported teacher are those
+of one process computing the same global batch on the same two-device mesh: data parallel across
+the processes, or FSDP (each process holds half of every sharded parameter, gathered for export)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import sys
 
 import jax
 import numpy as np
+import pytest
+from flax import nnx
 
 from dinov3_jax import load_backbone, parallel
 from dinov3_jax.data.pipeline import build_train_pipeline
@@ -31,15 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def reference_losses() -> list[dict]:
-    """One process, two devices, the global batch assembled from both processes' streams."""
+def reference_run(data: int, fsdp: int) -> tuple[list[dict], nnx.Module]:
+    """One process, two devices, the global batch assembled from both processes' streams: the
+    metrics of each step and the teacher backbone at the end."""
     cfg = micro_config(f"train.batch_size_per_gpu={PER_HOST}")
     source = make_source("synthetic", None, split="train", num_samples=64, image_size=32, seed=0)
     streams = [
         iter(build_train_pipeline(source, cfg=cfg, per_host_batch=PER_HOST, process_index=p, process_count=2))
         for p in range(2)
     ]
-    mesh = parallel.make_mesh(2, 1, devices=jax.devices()[:2])
+    mesh = parallel.make_mesh(data, fsdp, devices=jax.devices()[:2])
     run = setup(cfg, mesh, global_batch=2 * PER_HOST, steps=6, koleo_groups=2)
     state, losses = run.state, []
     for step in range(STEPS):
@@ -49,10 +53,11 @@ def reference_losses() -> list[dict]:
         sched = {k: np.float32(v) for k, v in run.schedules.at(step).items() if k in SCHEDULE_KEYS}
         state, metrics = run.step_fn(state, parallel.host_to_global(batch, mesh, PER_SAMPLE_KEYS), sched)
         losses.append(jax.device_get(metrics))
-    return losses
+    return losses, nnx.merge(run.teacher_def, nnx.State(parallel.gather_to_host(state["teacher"]))).backbone
 
 
-def test_two_processes_train_as_one_run(tmp_path):
+@pytest.mark.parametrize("data,fsdp", [(2, 1), (1, 2)], ids=["data-parallel", "fsdp"])
+def test_two_processes_train_as_one_run(tmp_path, data, fsdp):
     port = free_port()
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     common = [
@@ -63,6 +68,8 @@ def test_two_processes_train_as_one_run(tmp_path):
         "distributed.enabled=true",
         f"distributed.coordinator_address=127.0.0.1:{port}",
         "distributed.num_processes=2",
+        f"mesh.data={data}",
+        f"mesh.fsdp={fsdp}",
     ]
     procs = [
         subprocess.Popen(
@@ -82,8 +89,15 @@ def test_two_processes_train_as_one_run(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [m for m in logged if "loss" in m]
     assert [m["step"] for m in logged] == list(range(1, STEPS + 1))
-    for got, want in zip(logged, reference_losses()):
+    want_losses, want_teacher = reference_run(data, fsdp)
+    for got, want in zip(logged, want_losses):
         for key in ("loss", "dino_local", "dino_global", "ibot", "koleo"):
             np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=key)
-    backbone = load_backbone(weights=tmp_path / "run" / "teacher_backbone.safetensors")
-    assert backbone.config.embed_dim == 64
+    exported = load_backbone(weights=tmp_path / "run" / "teacher_backbone.safetensors")
+    got_params = dict(nnx.to_flat_state(nnx.state(exported, nnx.Param)))
+    want_params = dict(nnx.to_flat_state(nnx.state(want_teacher, nnx.Param)))
+    assert got_params.keys() == want_params.keys()
+    for path, value in want_params.items():  # a shard gathered in the wrong place would differ by O(1)
+        np.testing.assert_allclose(
+            np.asarray(got_params[path][...]), np.asarray(value[...]), atol=1e-5, err_msg=str(path)
+        )

@@ -312,14 +312,21 @@ def _polygon(name: str) -> np.ndarray:
 class SyntheticSource:
     """Procedurally generated labelled images of 10 shape classes (``SYNTHETIC_CLASSES``).
 
-    Class identity is the shape only: grey level, tint, scale, rotation, position and a blotchy
-    noisy background are random, so k-NN on raw pixels does poorly while the task is easy for a
-    model that learned shapes. Shapes are grey (dark on a light background or light on a dark
-    one) rather than saturated colours: a random colour per image is the first thing a
-    self-supervised model latches onto (two crops of one image are matched by their colours,
-    which carry no class), and with coloured shapes the tiny recipe learned colour, not shape. Item ``i`` is a pure function of ``(seed, split, i)``; labels are
-    ``i % num_classes`` (balanced; the first ``num_classes`` shapes, at most 10). ``get_mask(i)`` gives the per-pixel mask (0 background, label+1 on the
-    shape) for segmentation probes."""
+    An image of class c shows 3 to 5 dark shapes of kind c, each with its own size, rotation,
+    position and grey level, on a light grey, blotchy, noisy background. Every crop the
+    multi-crop recipe takes contains some of them, so two views of one image share the class and
+    little else, while two images of a class share few pixels (k-NN on raw pixels: ~30% for 10
+    classes). Earlier designs and why they were left (measured with the tiny recipe):
+    one shape per image let the model cluster by per-image nuisances (size, position, background);
+    a random colour per image was learned instead of shape (two crops of one image are matched
+    by their colours, which carry no class); a random polarity (light on dark as well) cost ~5
+    k-NN points. Item ``i`` is a pure function of ``(seed, split, i)``; labels are
+    ``i % num_classes`` (balanced; the first ``num_classes`` kinds, at most 10). ``get_mask(i)``
+    gives the per-pixel mask (0 background, label+1 on the shapes) for segmentation probes."""
+
+    shapes_per_image = (3, 5)
+    radius_range = (0.13, 0.19)  # as a fraction of the image side
+    min_separation = 1.7  # centres at least this many (larger) radii apart
 
     def __init__(
         self, num_samples: int = 1000, image_size: int = 64, seed: int = 0, split: str = "train", num_classes: int = 10
@@ -354,7 +361,7 @@ class SyntheticSource:
         return image, label
 
     def get_mask(self, index: int) -> np.ndarray:
-        """uint8 ``[H, W]``: 0 on the background, ``label + 1`` on the shape."""
+        """uint8 ``[H, W]``: 0 on the background, ``label + 1`` on the shapes."""
         _, mask, label = self.render(index)
         return np.where(mask, label + 1, 0).astype(np.uint8)
 
@@ -364,66 +371,87 @@ class SyntheticSource:
         label = index % self._num_classes
         rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index, 0x5EED])
         s = self.image_size
-        background = self._background(rng, s)
+        image = self._background(rng, s)
         name = SYNTHETIC_CLASSES[label]
-        # Shape frame: centre, radius (in pixels), rotation.
-        radius = rng.uniform(0.18, 0.36) * s
-        margin = radius * 1.05
-        cx, cy = rng.uniform(margin, s - margin, size=2)
-        theta = rng.uniform(0, 2 * np.pi)
-        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
-        dx, dy = (xx - cx) / radius, (yy - cy) / radius
-        c, sn = np.cos(theta), np.sin(theta)
-        u, v = c * dx + sn * dy, -sn * dx + c * dy  # pixel → shape frame (inverse rotation)
-        # A grey shape (lightly tinted), dark on a light background or light on a dark one.
-        light_background = background.mean() > 128
-        grey = rng.uniform(10, 70) if light_background else rng.uniform(185, 245)
-        fg_colour = (grey + rng.uniform(-20, 20, size=3)).astype(np.float32)
-        fg = np.broadcast_to(fg_colour, (s, s, 3)).astype(np.float32)
-        if name == "circle":
-            mask = u**2 + v**2 <= 1.0
-        elif name == "ellipse":
-            mask = u**2 + (v / 0.45) ** 2 <= 1.0
-        elif name == "ring":
-            r2 = u**2 + v**2
-            mask = (r2 <= 1.0) & (r2 >= rng.uniform(0.35, 0.55) ** 2)
-        elif name == "square":
-            mask = (np.abs(u) <= 0.75) & (np.abs(v) <= 0.75)
-        elif name == "cross":
-            w = rng.uniform(0.22, 0.32)
-            mask = ((np.abs(u) <= 0.95) & (np.abs(v) <= w)) | ((np.abs(v) <= 0.95) & (np.abs(u) <= w))
-        elif name in ("stripes", "checker"):
-            mask = u**2 + v**2 <= 1.0
-            period = rng.uniform(0.35, 0.55)
-            if name == "stripes":
-                pattern = np.floor(u / period) % 2 == 0
-            else:
-                pattern = (np.floor(u / period) + np.floor(v / period)) % 2 == 0
-            fg = np.where(pattern[..., None], fg, 255.0 - fg_colour)
-        else:  # polygon classes
-            verts = _polygon(name) * radius
-            px = cx + c * verts[:, 0] - sn * verts[:, 1]
-            py = cy + sn * verts[:, 0] + c * verts[:, 1]
-            canvas = Image.new("L", (s, s), 0)
-            ImageDraw.Draw(canvas).polygon(list(zip(px.tolist(), py.tolist())), fill=255)
-            mask = np.asarray(canvas) > 127
-        fg = fg + rng.normal(0, 8.0, size=(s, s, 3)).astype(np.float32)
-        image = np.where(mask[..., None], fg, background)
-        return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask, label
+        foreground = np.zeros((s, s), bool)
+        wanted = int(rng.integers(self.shapes_per_image[0], self.shapes_per_image[1] + 1))
+        placed: list[tuple[float, float, float]] = []
+        for _ in range(20 * wanted):  # rejection sampling of well separated centres
+            if len(placed) == wanted:
+                break
+            radius = rng.uniform(*self.radius_range) * s
+            cx, cy = rng.uniform(radius, s - radius, size=2)
+            if any(np.hypot(cx - x, cy - y) < self.min_separation * max(radius, r) for x, y, r in placed):
+                continue
+            placed.append((cx, cy, radius))
+            # Draw in the shape's bounding window only (rendering is on the data path).
+            y0, x0 = max(0, int(cy - radius) - 1), max(0, int(cx - radius) - 1)
+            y1, x1 = min(s, int(cy + radius) + 2), min(s, int(cx + radius) + 2)
+            mask, tone = _shape_mask(name, rng, (x0, y0, x1, y1), cx, cy, radius, rng.uniform(0, 2 * np.pi))
+            grey = rng.uniform(10, 70)
+            fill = np.full((*mask.shape, 3), grey, np.float32)
+            if tone is not None:  # two-tone classes: the shape's grey and its inverse
+                fill = np.where(tone[..., None], fill, 255.0 - grey)
+            fill += rng.normal(0, 8.0, size=fill.shape).astype(np.float32)
+            window = image[y0:y1, x0:x1]
+            window[mask] = fill[mask]
+            foreground[y0:y1, x0:x1] |= mask
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8), foreground, label
 
     @staticmethod
     def _background(rng: np.random.Generator, s: int) -> np.ndarray:
-        """A dark or light grey level with a muted random colour field, blotchy low-frequency
-        texture and pixel noise."""
-        corners = rng.uniform(0, 255, size=(3, 3, 3)).astype(np.uint8)
+        """Light grey with a smooth grey field, blotchy low-frequency texture and pixel noise."""
+        corners = rng.uniform(0, 255, size=(3, 3)).astype(np.uint8)
         field = np.asarray(Image.fromarray(corners).resize((s, s), Image.BILINEAR), np.float32)
-        field = rng.choice([70.0, 185.0]) + 0.3 * (field - 128.0)
         k = max(2, s // 6)
-        blotch = rng.normal(0, 25.0, size=(k, k, 3)).astype(np.float32)
-        blotch_img = np.stack(
-            [np.asarray(Image.fromarray(blotch[..., i], mode="F").resize((s, s), Image.BICUBIC)) for i in range(3)], -1
-        )
-        return field + blotch_img + rng.normal(0, 12.0, size=(s, s, 3)).astype(np.float32)
+        blotch = rng.normal(0, 25.0, size=(k, k)).astype(np.float32)
+        blotch = np.asarray(Image.fromarray(blotch, mode="F").resize((s, s), Image.BICUBIC))
+        grey = 185.0 + 0.3 * (field - 128.0) + blotch
+        return grey[..., None] + rng.normal(0, 12.0, size=(s, s, 3)).astype(np.float32)
+
+
+def _shape_mask(
+    name: str,
+    rng: np.random.Generator,
+    window: tuple[int, int, int, int],
+    cx: float,
+    cy: float,
+    radius: float,
+    theta: float,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Boolean mask of one shape (centre, radius in pixels, rotation) over the image window
+    ``(x0, y0, x1, y1)``, and for the two-tone classes (stripes, checker) which of its pixels take
+    the first tone."""
+    x0, y0, x1, y1 = window
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
+    dx, dy = (xx - cx) / radius, (yy - cy) / radius
+    c, sn = np.cos(theta), np.sin(theta)
+    u, v = c * dx + sn * dy, -sn * dx + c * dy  # pixel → shape frame (inverse rotation)
+    if name in ("stripes", "checker"):
+        period = rng.uniform(0.5, 0.65)
+        if name == "stripes":
+            tone = np.floor(u / period) % 2 == 0
+        else:
+            tone = (np.floor(u / period) + np.floor(v / period)) % 2 == 0
+        return u**2 + v**2 <= 1.0, tone
+    if name == "circle":
+        return u**2 + v**2 <= 1.0, None
+    if name == "ellipse":
+        return u**2 + (v / 0.45) ** 2 <= 1.0, None
+    if name == "ring":
+        r2 = u**2 + v**2
+        return (r2 <= 1.0) & (r2 >= rng.uniform(0.4, 0.55) ** 2), None
+    if name == "square":
+        return (np.abs(u) <= 0.75) & (np.abs(v) <= 0.75), None
+    if name == "cross":
+        w = rng.uniform(0.25, 0.32)
+        return ((np.abs(u) <= 0.95) & (np.abs(v) <= w)) | ((np.abs(v) <= 0.95) & (np.abs(u) <= w)), None
+    verts = _polygon(name) * radius  # polygon classes, drawn by PIL in window coordinates
+    px = cx - x0 + c * verts[:, 0] - sn * verts[:, 1]
+    py = cy - y0 + sn * verts[:, 0] + c * verts[:, 1]
+    canvas = Image.new("L", (x1 - x0, y1 - y0), 0)
+    ImageDraw.Draw(canvas).polygon(list(zip(px.tolist(), py.tolist())), fill=255)
+    return np.asarray(canvas) > 127, None
 
 
 # ---------------------------------------------------------------------------------------------
