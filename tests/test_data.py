@@ -114,6 +114,8 @@ def test_colour_jitter_strength_and_probabilities_are_configurable():
     # Jitter strengths: zero strengths leave the image as it is; full hue rotation changes it.
     still = A.color_jitter(Image.fromarray(img), np.random.default_rng(0), 0.0, 0.0, 0.0, 0.0)
     assert np.array_equal(np.asarray(still), img)
+    rotated = A.color_jitter(Image.fromarray(img), np.random.default_rng(0), 0.0, 0.0, 0.0, 0.5)
+    assert not np.array_equal(np.asarray(rotated), img)
     cfg = load_config("tiny_cpu", ["crops.color_jitter=[0,0,0,0.5]", "crops.color_jitter_prob=1"])
     assert A.AugmentConfig.from_any(cfg.crops).color_jitter == (0.0, 0.0, 0.0, 0.5)
 

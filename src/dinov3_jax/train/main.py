@@ -319,8 +319,8 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
         model = nnx.merge(teacher_def, nnx.State(parallel.gather_to_host(state["teacher"])))
         return model.backbone
 
-    def evaluate(step: int, state) -> dict[str, float]:
-        result = evaluator(teacher_backbone(state))
+    def evaluate(step: int, backbone: DinoVisionTransformer) -> dict[str, float]:
+        result = evaluator(backbone)
         if writer:
             writer.write(step, {f"knn/{k}": v for k, v in result.items()})
         return result
@@ -357,7 +357,7 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
         if cfg.checkpointing.period and done % cfg.checkpointing.period == 0 and done < end:
             ckpt.save(done, state, iterator.get_state(), resolved)
         if evaluator and cfg.runtime.knn_every_steps and done % cfg.runtime.knn_every_steps == 0 and done < steps:
-            knn = evaluate(done, state)
+            knn = evaluate(done, teacher_backbone(state))
             bar.write(
                 f"step {done}: teacher k-NN "
                 + ", ".join(f"{k} {v:.1f}" for k, v in knn.items() if k.startswith("top1"))
@@ -392,7 +392,7 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
         "state": state,
     }
     if evaluator:
-        result["knn_teacher"] = evaluate(steps, state)
+        result["knn_teacher"] = evaluate(steps, backbone)  # the exported teacher, gathered once
         result["knn_raw_pixels"] = evaluator.raw_pixels()
         # The same network as it was before training (same seed, same initialisation).
         random_init = nnx.merge(teacher_def, nnx.State(parallel.gather_to_host(run.init_params(cfg.train.seed))))
