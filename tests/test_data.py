@@ -220,7 +220,7 @@ def test_crop_major_layout():
     from dinov3_jax.data.pipeline import _Collate
 
     pipe = _train(IndexSource(8), local_crops_number=3)
-    collate = _Collate(pipe.spec, seed=0, process_index=0, min_num_patches=4, max_block_ratio=0.5)
+    collate = _Collate(pipe.specs, (1.0,), seed=0, process_index=0, min_num_patches=4, max_block_ratio=0.5)
     B = 4
     g = (
         np.zeros((B, 2, 16, 16, 3), np.float32)
@@ -473,3 +473,216 @@ def test_multiprocess_prefetch_matches_single_process():
         assert all(_equal(a, b) for a, b in zip(expected, got))
     finally:
         it.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation options: Gram-teacher crops, shared colour jitter, local crops inside global crops
+# ---------------------------------------------------------------------------------------------
+
+AUG_SRC = np.random.default_rng(7).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+AUG_KW = dict(global_crops_size=16, local_crops_size=8, grayscale_prob=0.0)
+
+
+def _to_pil(aug: A.DataAugmentationDINO, x: np.ndarray) -> Image.Image:
+    """Invert the normalisation of one crop back to the uint8 image it came from."""
+    u = np.rint((x * aug.std + aug.mean) * 255)
+    return Image.fromarray(np.clip(u, 0, 255).astype(np.uint8), "RGB")
+
+
+def _view(image: Image.Image, rec: dict, size: int) -> Image.Image:
+    """Rebuild a crop's geometric view from its trace record (RandomResizedCrop box, flip)."""
+    v = A.crop_resize(image, rec["box"], size)
+    return v.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rec["flip"] else v
+
+
+def test_new_crop_options_from_config():
+    from types import SimpleNamespace as NS
+
+    assert A.AugmentConfig().gram_teacher_crops_size is None
+    cfg = A.AugmentConfig.from_any(
+        NS(gram_teacher_crops_size=(32,), gram_teacher_no_distortions=True, share_color_jitter=True)
+    )
+    assert cfg.gram_teacher_crops_size == 32 and cfg.gram_teacher_no_distortions and cfg.share_color_jitter
+    assert A.AugmentConfig.from_any({"localcrops_subset_of_globalcrops": True}).localcrops_subset_of_globalcrops
+    assert A.AugmentConfig.from_any(NS(gram_teacher_crops_size=None)).gram_teacher_crops_size is None
+    with pytest.raises(NotImplementedError, match="multi-resolution"):
+        A.AugmentConfig.from_any(NS(gram_teacher_crops_size=(32, 48)))
+    full = load_config("tiny_cpu", ["crops.gram_teacher_crops_size=32", "crops.share_color_jitter=true"])
+    got = A.AugmentConfig.from_any(full.crops)
+    assert got.gram_teacher_crops_size == 32 and got.share_color_jitter
+    # patch_size / inverted_blur_probabilities are not crops.* keys: defaults, or explicit overrides
+    assert got.patch_size == 16 and got.inverted_blur_probabilities is True
+    got = A.AugmentConfig.from_any(full.crops, patch_size=8, inverted_blur_probabilities=False)
+    assert got.patch_size == 8 and got.inverted_blur_probabilities is False
+    with pytest.raises(ValueError, match="patch_size"):
+        A.AugmentConfig(patch_size=0)
+    # default: no Gram-teacher output, and every crop's trace has the geometry and jitter outcome
+    trace: list[dict] = []
+    out = A.DataAugmentationDINO(**AUG_KW, local_crops_number=2)(AUG_SRC, np.random.default_rng(0), trace=trace)
+    assert set(out) == {"global_crops", "local_crops"}
+    assert all({"box", "flip", "parent", "jitter_params"} <= set(t) and t["parent"] is None for t in trace)
+
+
+def test_gram_crops_without_distortions():
+    """RECIPE.md §6.2: the Gram crop is the undistorted base crop; the global crop is resized first."""
+    kw = dict(AUG_KW, local_crops_number=2, gram_teacher_crops_size=32, gram_teacher_no_distortions=True)
+    off = A.DataAugmentationDINO(**kw, color_jitter_prob=0.0)
+    trace: list[dict] = []
+    out = off(AUG_SRC, np.random.default_rng(0), trace=trace)
+    assert out["gram_teacher_crops"].shape == (2, 32, 32, 3) and out["gram_teacher_crops"].dtype == np.float32
+    assert out["global_crops"].shape == (2, 16, 16, 3) and out["local_crops"].shape == (2, 8, 8, 3)
+    src = Image.fromarray(AUG_SRC)
+    for k in range(2):
+        assert np.array_equal(out["gram_teacher_crops"][k], A.normalize(_view(src, trace[k], 32), off.mean, off.std))
+    # global crop 1 (never blurred, photometric ops off) = the Gram crop resized to the global size
+    small = _to_pil(off, out["gram_teacher_crops"][0]).resize((16, 16), Image.BICUBIC)
+    np.testing.assert_allclose(out["global_crops"][0], A.normalize(small, off.mean, off.std), atol=1e-5)
+    # colour jitter forced on: the global crops are jittered, the Gram crops are not
+    on = A.DataAugmentationDINO(**kw, color_jitter_prob=1.0)
+    trace_on: list[dict] = []
+    jit = on(AUG_SRC, np.random.default_rng(0), trace=trace_on)
+    assert all(t["jitter"] for t in trace_on)
+    assert np.array_equal(jit["gram_teacher_crops"][0], out["gram_teacher_crops"][0])  # same geometry draws
+    assert not np.array_equal(jit["global_crops"][0], out["global_crops"][0])
+    # the jitter draws shift crop 2's geometry, so compare it with its rebuilt undistorted view
+    assert np.array_equal(jit["gram_teacher_crops"][1], A.normalize(_view(src, trace_on[1], 32), on.mean, on.std))
+    # a Gram size below the global size: the base crop is taken at the global size
+    small_gram = A.DataAugmentationDINO(**dict(kw, gram_teacher_crops_size=12), color_jitter_prob=0.0)
+    assert small_gram(AUG_SRC, np.random.default_rng(0))["gram_teacher_crops"].shape == (2, 12, 12, 3)
+
+
+def test_gram_crops_with_distortions():
+    """RECIPE.md §6.2: distortions at the large size, then resized to the global and Gram sizes."""
+    kw = dict(AUG_KW, local_crops_number=2, gram_teacher_crops_size=32)
+    dist = A.DataAugmentationDINO(**kw, color_jitter_prob=1.0)
+    clean = A.DataAugmentationDINO(**kw, color_jitter_prob=1.0, gram_teacher_no_distortions=True)
+    a = dist(AUG_SRC, np.random.default_rng(0))
+    b = clean(AUG_SRC, np.random.default_rng(0))
+    assert a["gram_teacher_crops"].shape == (2, 32, 32, 3) and a["global_crops"].shape == (2, 16, 16, 3)
+    assert not np.array_equal(a["gram_teacher_crops"][0], b["gram_teacher_crops"][0])
+    # the global crop is the distorted large crop (here = the Gram crop) resized to the global size
+    small = _to_pil(dist, a["gram_teacher_crops"][0]).resize((16, 16), Image.BICUBIC)
+    np.testing.assert_allclose(a["global_crops"][0], A.normalize(small, dist.mean, dist.std), atol=1e-5)
+    # with the photometric ops off both orders give the same global crop 1 and Gram crop 1
+    c = A.DataAugmentationDINO(**kw, color_jitter_prob=0.0)(AUG_SRC, np.random.default_rng(0))
+    d = A.DataAugmentationDINO(**kw, color_jitter_prob=0.0, gram_teacher_no_distortions=True)(
+        AUG_SRC, np.random.default_rng(0)
+    )
+    for key in ("global_crops", "gram_teacher_crops"):
+        assert np.array_equal(c[key][0], d[key][0])
+
+
+def _shared_prepass(aug: A.DataAugmentationDINO, img: np.ndarray, rng: np.random.Generator):
+    """Replay share_color_jitter's image-level step: jitter (p color_jitter_prob), then grayscale."""
+    c, pil = aug.cfg, Image.fromarray(img)
+    params = A.draw_jitter_params(rng, *c.color_jitter) if rng.random() < c.color_jitter_prob else None
+    if params is not None:
+        pil = A.apply_color_jitter(pil, params)
+    gray = bool(rng.random() < c.grayscale_prob)
+    return (A.grayscale(pil) if gray else pil), params, gray
+
+
+def test_share_color_jitter():
+    """Jitter and grayscale run once on the whole image; the crops' own jitter/grayscale are off."""
+    kw = dict(AUG_KW, local_crops_number=3, gram_teacher_crops_size=24, gram_teacher_no_distortions=True)
+    shared = A.DataAugmentationDINO(**dict(kw, color_jitter_prob=0.5, grayscale_prob=0.5), share_color_jitter=True)
+    plain = A.DataAugmentationDINO(**dict(kw, color_jitter_prob=0.0, grayscale_prob=0.0))
+    outcomes = set()
+    for seed in range(20):
+        trace: list[dict] = []
+        out = shared(AUG_SRC, np.random.default_rng(seed), trace=trace)
+        assert len(trace) == 5 and not any(t["jitter"] or t["grayscale"] or t["jitter_params"] for t in trace)
+        # = the unshared pipeline without jitter/grayscale on the pre-jittered image, same random stream
+        rng = np.random.default_rng(seed)
+        pre, params, gray = _shared_prepass(shared, AUG_SRC, rng)
+        ref_trace: list[dict] = []
+        assert _equal(out, plain(np.asarray(pre), rng, trace=ref_trace))
+        assert [t["box"] for t in trace] == [t["box"] for t in ref_trace]
+        assert all(t["shared_jitter_params"] == params and t["shared_grayscale"] == gray for t in trace)
+        assert all(t["shared_jitter"] == (params is not None) for t in trace)
+        # the undistorted Gram crops carry the shared jitter/grayscale: cut from the jittered image
+        for k in range(2):
+            gram = out["gram_teacher_crops"][k]
+            assert np.array_equal(gram, A.normalize(_view(pre, trace[k], 24), shared.mean, shared.std))
+            raw = A.normalize(_view(Image.fromarray(AUG_SRC), trace[k], 24), shared.mean, shared.std)
+            assert np.array_equal(gram, raw) == (params is None and not gray)
+        outcomes.add((params is not None, gray))
+    assert len(outcomes) == 4  # applied / not applied, for both ops
+    # off: every crop draws its own outcome, recorded per crop
+    trace = []
+    A.DataAugmentationDINO(**kw, color_jitter_prob=1.0)(AUG_SRC, np.random.default_rng(0), trace=trace)
+    assert len({repr(t["jitter_params"]) for t in trace}) == 5 and not any(t["shared_jitter"] for t in trace)
+    # on a constant image the shared outcome gives every crop the same colour
+    flat = np.full((48, 48, 3), (200, 120, 40), np.uint8)
+    for share in (True, False):
+        out = A.DataAugmentationDINO(**AUG_KW, local_crops_number=4, color_jitter_prob=1.0, share_color_jitter=share)(
+            flat, np.random.default_rng(1)
+        )
+        colours = [out["global_crops"][0, 0, 0]] + [x[0, 0] for x in out["local_crops"]]
+        assert all(np.allclose(col, colours[0], atol=1e-6) for col in colours) == share
+
+
+def _global_view_size(gram) -> int:
+    return 16 if gram is None else max(16, gram[0])
+
+
+def test_local_crops_subset_of_global_crops():
+    """First L // 2 local crops from global view 1, the rest from view 2: patch-aligned s×s windows
+    of the view after the local photometric ops (here only blur can apply; the trace says when)."""
+    kw = dict(AUG_KW, local_crops_number=5, color_jitter_prob=0.0, patch_size=4, localcrops_subset_of_globalcrops=True)
+    src = Image.fromarray(AUG_SRC)
+    seen_offsets, compared, blurred = set(), 0, 0
+    for gram in (None, (32, False), (32, True)):
+        extra = {} if gram is None else dict(gram_teacher_crops_size=gram[0], gram_teacher_no_distortions=gram[1])
+        aug = A.DataAugmentationDINO(**kw, **extra)
+        for seed in range(4):
+            trace: list[dict] = []
+            out = aug(AUG_SRC, np.random.default_rng(seed), trace=trace)
+            assert out["local_crops"].shape == (5, 8, 8, 3)
+            assert out["offsets"].shape == (5, 2) and out["offsets"].dtype == np.int32
+            assert [t["parent"] for t in trace] == [None, None, 0, 0, 1, 1, 1]
+            assert np.all(out["offsets"] % 4 == 0) and np.all((out["offsets"] >= 0) & (out["offsets"] <= 8))
+            # the parent views at the global size, rebuilt from the global crops' trace
+            views = [A.resize_square(_view(src, trace[k], _global_view_size(gram)), 16) for k in range(2)]
+            for i, t in enumerate(trace[2:]):
+                top, left = (int(x) for x in out["offsets"][i])
+                assert t["box"] == (top, left, 8, 8) and t["flip"] is False and not (t["jitter"] or t["grayscale"])
+                seen_offsets.update((top, left))
+                window = A.normalize(views[t["parent"]].crop((left, top, left + 8, top + 8)), aug.mean, aug.std)
+                assert np.array_equal(out["local_crops"][i], window) or t["blur"]
+                compared += not t["blur"]
+                if t["blur"]:  # local blur (p 0.5) cannot be switched off: it runs on the whole view
+                    full = A.gaussian_blur(views[t["parent"]], t["blur_sigma"])
+                    window = A.normalize(full.crop((left, top, left + 8, top + 8)), aug.mean, aug.std)
+                    assert np.array_equal(out["local_crops"][i], window)
+                    blurred += 1
+    assert seen_offsets == {0, 4, 8} and compared >= 10 and blurred >= 10
+    # without the option there are no offsets; a local crop larger than the global crop is an error
+    assert "offsets" not in A.DataAugmentationDINO(**AUG_KW, local_crops_number=1)(AUG_SRC, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="must not exceed the global crop size"):
+        A.DataAugmentationDINO(**dict(kw, local_crops_size=20))
+    A.DataAugmentationDINO(**dict(kw, local_crops_size=20, localcrops_subset_of_globalcrops=False))
+    empty = A.DataAugmentationDINO(**dict(kw, local_crops_number=0))(AUG_SRC, np.random.default_rng(0))
+    assert empty["offsets"].shape == (0, 2) and empty["local_crops"].shape == (0, 8, 8, 3)
+
+
+def test_nominal_blur_probabilities():
+    """compat.inverted_blur_probabilities=False: global 1 always blurred, global 2 p 0.1, local p 0.5."""
+    assert A.AugmentConfig().blur_probabilities() == (0.0, 0.9, 0.5)
+    aug = A.DataAugmentationDINO(
+        global_crops_size=8, local_crops_size=4, local_crops_number=2, inverted_blur_probabilities=False
+    )
+    assert aug.cfg.blur_probabilities() == (1.0, 0.1, 0.5)
+    img = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    rng = np.random.default_rng(2)
+    trace: list[dict] = []
+    for _ in range(200):
+        aug(img, rng, trace=trace)
+    rate = {c: np.mean([t["blur"] for t in trace if t["crop"].startswith(c)]) for c in ("global1", "global2", "local")}
+    assert rate["global1"] == 1.0
+    assert abs(rate["global2"] - 0.1) < 0.06
+    assert abs(rate["local"] - 0.5) < 0.08
+    # the same seed with the default (inverted) probabilities never blurs global crop 1
+    trace = []
+    A.DataAugmentationDINO(aug.cfg, inverted_blur_probabilities=True)(img, np.random.default_rng(2), trace=trace)
+    assert trace[0]["blur"] is False

@@ -44,7 +44,7 @@ def reference_run(data: int, fsdp: int) -> tuple[list[dict], nnx.Module]:
         for p in range(2)
     ]
     mesh = parallel.make_mesh(data, fsdp, devices=jax.devices()[:2])
-    run = setup(cfg, mesh, global_batch=2 * PER_HOST, steps=6, koleo_groups=2)
+    run = setup(cfg, mesh, global_batch=2 * PER_HOST, steps=6, loss_groups=2)
     state, losses = run.state, []
     for step in range(STEPS):
         # Each process lays out its rows with itself as the only local device and its own offset.

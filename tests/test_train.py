@@ -68,10 +68,10 @@ def host_batches(n: int = 3):
     return [next(it) for _ in range(n)]
 
 
-def run_steps(mesh, n_steps: int = 2, *, koleo_groups: int = 8, mutate=None, extra: tuple[str, ...] = ()):
+def run_steps(mesh, n_steps: int = 2, *, loss_groups: int = 8, mutate=None, extra: tuple[str, ...] = ()):
     """n steps on `mesh`; returns (states after each step as host numpy trees, metrics)."""
     cfg = micro_config(*extra)
-    run = setup(cfg, mesh, global_batch=BATCH, steps=6, koleo_groups=koleo_groups)
+    run = setup(cfg, mesh, global_batch=BATCH, steps=6, loss_groups=loss_groups)
     state = run.state
     states, metrics = [jax.device_get(state)], []
     for step, host in enumerate(host_batches()[:n_steps]):

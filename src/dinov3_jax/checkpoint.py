@@ -32,11 +32,16 @@ def _decode_iterator_state(state: Any) -> Any:
 class Checkpointer:
     """Thin wrapper so the trainer reads as `save(step, state, data_state)` / `restore(...)`."""
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(
+        self, directory: str | Path, *, max_to_keep: int = 3, keep_every: int | None = None, async_save: bool = True
+    ):
+        """`keep_every`: checkpoints whose step is a multiple of it are kept beyond `max_to_keep`."""
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, keep_period=keep_every, enable_async_checkpointing=async_save
+            ),
         )
 
     def latest_step(self) -> int | None:

@@ -28,6 +28,7 @@ import yaml
 
 from dinov3_jax.configs.schema import (
     CONDITIONAL_NO_EFFECT_KEYS,
+    FIXED_KEYS,
     LEGACY_KEYS,
     NO_EFFECT_KEYS,
     V1_SCHEDULE_KEYS,
@@ -380,6 +381,14 @@ def _warn_no_effect(cfg: Config, ctx: _Context) -> None:
         value = get_key(cfg, key)
         if value is not None and value != get_key(default, key):
             log.warning("config key %s=%r has no effect in dinov3-jax%s", key, value, f" ({hint})" if hint else "")
+    if (
+        "crops.gram_teacher_crops_size" in seen
+        and cfg.crops.gram_teacher_crops_size is not None
+        and not cfg.gram.use_loss
+    ):
+        log.warning(
+            "crops.gram_teacher_crops_size has no effect without gram.use_loss=true (no Gram-teacher crops are made)"
+        )
     ragged = [size for size in _sizes(cfg.crops.local_crops_size) if size % max(cfg.student.patch_size, 1)]
     if ragged and {"crops.local_crops_size", "student.patch_size"} & seen:
         log.warning(
@@ -482,8 +491,10 @@ def validate(cfg: Config) -> None:
     elif lo > hi:
         err("ibot.mask_ratio_min_max", f"min > max: {[lo, hi]}")
     in_range("ibot.mask_sample_probability", 0, 1)
-    if not cfg.ibot.separate_head:
-        err("ibot.separate_head", "must be true (DINOv3 always uses separate DINO and iBOT heads)")
+    default = Config()
+    for key, reason in FIXED_KEYS.items():
+        if get_key(cfg, key) != get_key(default, key):
+            err(key, f"must be {get_key(default, key)!r} ({reason}), got {get_key(cfg, key)!r}")
     for head in ("dino", "ibot"):
         for key, lo_ in (
             ("head_n_prototypes", 1),
@@ -506,6 +517,26 @@ def validate(cfg: Config) -> None:
     at_least("gram.it_first_update", 0)
     at_least("gram.max_updates", 0)
     at_least("gram.it_load_ema_teacher", -1)
+    gram = cfg.gram
+    if gram.remove_neg and gram.remove_only_teacher_neg:
+        err("gram.remove_neg", "and gram.remove_only_teacher_neg are exclusive")
+    if gram.tokens_used != "all" and gram.img_level:
+        err("gram.tokens_used", f"{gram.tokens_used!r} needs batch-level Gram matrices (gram.img_level=false)")
+    if gram.use_loss and gram.ema_teacher and c.gram_teacher_crops_size is not None:
+        err(
+            "crops.gram_teacher_crops_size",
+            "must be null with gram.ema_teacher=true (the EMA teacher's own global-crop features are the targets)",
+        )
+
+    # Initial weights (chained stages, continued pretraining).
+    starts = [
+        k
+        for k in ("student.resume_from_teacher_chkpt", "student.pretrained_weights", "train.continue_from")
+        if get_key(cfg, k)
+    ]
+    if len(starts) > 1:
+        err(starts[0], f"and {', '.join(starts[1:])} both say where the run starts: set one")
+    in_range("optim.freeze_backbone_epochs", 0, cfg.optim.epochs)
 
     # Length, batch, optimizer.
     at_least("train.batch_size_per_gpu", 1)
@@ -624,7 +655,7 @@ def validate_for_devices(cfg: Config, n_devices: int) -> None:
     per_device = cfg.train.batch_size_per_gpu
     batch = global_batch_size(cfg, n_devices)
     group = cfg.dino.koleo_distributed_loss_group_size
-    if cfg.dino.koleo_loss_distributed and group is not None and (group % per_device or batch % group):
+    if cfg.dino.koleo_loss_distributed and group is not None and (group % per_device or batch % group or group < 2):
         problems.append(
             f"dino.koleo_distributed_loss_group_size: {group} must be a multiple of train.batch_size_per_gpu "
             f"({per_device}) and divide the global batch ({batch} on {n_devices} devices)"

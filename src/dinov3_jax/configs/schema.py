@@ -103,11 +103,11 @@ class Dino:
     koleo_loss_weight: float = 0.1
     # KoLeo over groups of koleo_distributed_loss_group_size samples instead of per device.
     koleo_loss_distributed: bool = False
-    # Number of nearest neighbours of KoLeo (only 1 is implemented; no effect).
+    # Number of nearest neighbours of KoLeo (only the official 1 is accepted).
     koleo_topk: int = 1
     # Replicas of distributed KoLeo (must be 0 upstream; no effect).
     koleo_distributed_replicas: int = 0
-    # Group size of distributed KoLeo; None = the global batch.
+    # Group size of distributed KoLeo (consecutive samples, a multiple of the per-device batch); None = the global batch.
     koleo_distributed_loss_group_size: int | None = None
     # Group adjacent ranks' data for distributed KoLeo (unused upstream; no effect).
     koleo_distributed_loss_group_data: bool = True
@@ -153,7 +153,7 @@ class Ibot:
 class Gram:
     """Gram anchoring (RECIPE.md §4.5)."""
 
-    # Add the Gram loss.
+    # Add the Gram loss (and, unless ema_teacher, keep a frozen Gram teacher in the train state).
     use_loss: bool = False
     # Compute auxiliary Gram statistics (no effect).
     compute_stats: bool = False
@@ -161,15 +161,17 @@ class Gram:
     loss_weight: float = 1.0
     # Use the EMA teacher's patch outputs as the Gram targets instead of a separate Gram teacher.
     ema_teacher: bool = False
-    # Checkpoint that initialises the Gram teacher backbone.
+    # Weights of the Gram teacher: a backbone file load_backbone reads (official .pth, HF, ours), an
+    # official teacher_checkpoint.pth, or a run folder of ours (its newest checkpoint's teacher).
+    # None, "" or the official placeholder "ignore" = none (then it_load_ema_teacher must be set).
     ckpt: str | None = None
     # Iteration at which the EMA teacher is copied into the Gram teacher (-1 = never).
     it_load_ema_teacher: int = -1
     # Refresh the Gram teacher from the EMA teacher every update_frequency iterations.
     rep_update: bool = True
-    # Iterations between two refreshes.
+    # Iterations between two refreshes (after iteration it when (it + 1) % update_frequency == 0).
     update_frequency: int = 50000
-    # First iteration at which a refresh may happen.
+    # First iteration at which a refresh may happen ((it + 1) ≥ it_first_update).
     it_first_update: int = 0
     # Maximum number of refreshes; None = unlimited.
     max_updates: int | None = None
@@ -221,10 +223,14 @@ class Train:
     learn_from_teacher_tokens: bool = False
     # Teacher centering; DINOv3 supports only Sinkhorn-Knopp.
     centering: Literal["sinkhorn_knopp"] = "sinkhorn_knopp"
-    # Activation checkpointing (rematerialisation) of the student blocks.
+    # Activation checkpointing of the student blocks (not implemented yet: no effect).
     checkpointing: bool = False
-    # Rematerialise everything (full) instead of the selective policy.
+    # Full instead of selective activation checkpointing (not implemented yet: no effect).
     checkpointing_full: bool = False
+    # Project addition: a run folder of ours whose newest checkpoint (student, teacher, optimizer,
+    # step) this new run continues with its own config, e.g. the Gram stage after pretraining
+    # (RECIPE.md §5.7); the Gram teacher comes from gram.* as usual. "" = start from scratch.
+    continue_from: str = ""
     # torch.compile (no effect: every step is jitted).
     compile: bool = True
     # CUDA graphs (no effect).
@@ -249,13 +255,15 @@ class Student:
     drop_path_rate: float = 0.3
     # LayerScale initial value; None or 0 = no LayerScale.
     layerscale: float | None = 1.0e-5
-    # Pretrained weights path (unused upstream in training; no effect).
+    # Backbone weights that initialise the student and the EMA teacher (official .pth, HF, ours, or
+    # a run folder of ours), with fresh heads; for continued pretraining of a released backbone.
     pretrained_weights: str = ""
     # FFN: mlp, swiglu, swiglu32, swiglu64, swiglu128.
     ffn_layer: Literal["mlp", "swiglu", "swiglu32", "swiglu64", "swiglu128"] = "mlp"
     # FFN ratio; ignored like upstream unless compat.ignore_student_ffn_ratio is false.
     ffn_ratio: float = 4.0
-    # Teacher checkpoint that initialises the student (and, through it, the EMA teacher).
+    # A previous stage's teacher that initialises the student and the EMA teacher: a run folder of
+    # ours (backbone and heads of its newest checkpoint's teacher) or any backbone file (fresh heads).
     resume_from_teacher_chkpt: str = ""
     # Bias of the qkv projection.
     qkv_bias: bool = True
@@ -387,6 +395,9 @@ class Optim:
     clip_grad: float = 3.0
     # Epochs during which the heads' last layers get lr 0 (v1).
     freeze_last_layer_epochs: float | None = 1
+    # Project addition: epochs during which the backbone gets lr 0 (a head warm-up before joint
+    # training, for continued pretraining from a released backbone that ships without heads).
+    freeze_backbone_epochs: float = 0.0
     # lr scaling with the global batch: sqrt_wrt_1024, linear_wrt_256, or none (project addition).
     scaling_rule: Literal["sqrt_wrt_1024", "linear_wrt_256", "none"] = "sqrt_wrt_1024"
     # Extra lr multiplier of the patch embedding.
@@ -441,7 +452,7 @@ class Crops:
     rgb_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     # Normalisation std.
     rgb_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    # Multi-distillation teacher/student resolution ratio (no effect; see compat).
+    # Multi-distillation teacher/student resolution ratio (distillation is not implemented: no effect).
     teacher_to_student_resolution_scale: float = 1.0
 
 
@@ -459,7 +470,7 @@ class EvaluationConfigFiles:
 class Evaluation:
     """Evaluation checkpoints of the teacher."""
 
-    # Iterations between two teacher (eval) checkpoints.
+    # Iterations between two exports of the teacher backbone (eval/training_<it>/teacher_backbone.safetensors).
     eval_period_iterations: int = 12500
     # Run the low-frequency benchmarks every this many evaluations (no effect).
     low_freq_every: int = 5
@@ -475,7 +486,7 @@ class Checkpointing:
     period: int = 3750
     # Number of recent checkpoints kept.
     max_to_keep: int = 3
-    # Also keep every checkpoint whose iteration is a multiple of this.
+    # Also keep every checkpoint whose iteration is a multiple of this (never deleted).
     keep_every: int = 99999999999999999
 
 
@@ -582,7 +593,7 @@ class Compat:
     dino_head_wd_multiplier_never_applies: bool = True
     # Reproduce: gram.remove_only_teacher_neg never masks the student's similarities.
     gram_remove_only_teacher_neg_as_official: bool = True
-    # Reproduce: crops.teacher_to_student_resolution_scale is never applied (multi-distillation).
+    # Reproduce: crops.teacher_to_student_resolution_scale is never applied (multi-distillation; no effect yet).
     ignore_teacher_to_student_resolution_scale: bool = True
     # Reproduce: the effective blur probabilities are 0 / 0.9 / 0.5 (global 1 / global 2 / local), as trained.
     inverted_blur_probabilities: bool = True
@@ -646,7 +657,6 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "MODEL.DEVICE": "JAX picks the devices",
     "MODEL.WEIGHTS": "",
     "MODEL.DTYPE": "see compute_precision",
-    "dino.koleo_topk": "KoLeo uses the single nearest neighbour",
     "dino.koleo_distributed_replicas": "",
     "dino.koleo_distributed_loss_group_data": "",
     "dino.force_weight_norm": "",
@@ -661,12 +671,13 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "train.chunk_schedule": "",
     "train.use_teacher_head": "",
     "train.learn_from_teacher_tokens": "",
+    "train.checkpointing": "activation checkpointing is not implemented yet",
+    "train.checkpointing_full": "activation checkpointing is not implemented yet",
     "train.compile": "every step is jitted",
     "train.cudagraphs": "",
     "train.fsdp_reshard_after_forward": "set the mesh section",
     "train.sharded_eval_checkpoint": "",
     "train.cache_dataset": "",
-    "student.pretrained_weights": "",
     "student.pos_embed_type": "RoPE is the only position embedding",
     "student.fp8_enabled": "fp8 is not implemented",
     "student.fp8_filter": "fp8 is not implemented",
@@ -677,6 +688,9 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "multidistillation.enabled": "multi-distillation is not implemented",
     "multidistillation.global_batch_size": "multi-distillation is not implemented",
     "multidistillation.students": "multi-distillation is not implemented",
+    "crops.teacher_to_student_resolution_scale": "distillation is not implemented",
+    "compat.ignore_teacher_to_student_resolution_scale": "distillation is not implemented",
+    "compute_precision.reduce_dtype": "gradients are reduced in fp32, the master parameters' dtype",
     "hrft.enabled": "",
     "hrft.checkpoint_path": "",
     "optim.schedule_trunc_extra": "",
@@ -694,7 +708,14 @@ CONDITIONAL_NO_EFFECT_KEYS: dict[str, tuple[str, bool]] = {
     "student.ffn_ratio": ("ignore_student_ffn_ratio", True),
     "student.in_chans": ("ignore_student_in_chans", True),
     "optim.dino_head_wd_multiplier": ("dino_head_wd_multiplier_never_applies", True),
-    "crops.teacher_to_student_resolution_scale": ("ignore_teacher_to_student_resolution_scale", True),
+}
+
+# Official keys that accept only their official value (anything else is refused by `validate`).
+FIXED_KEYS: dict[str, str] = {
+    "ibot.separate_head": "DINOv3 always uses separate DINO and iBOT heads",
+    "dino.koleo_topk": "KoLeo uses the single nearest neighbour",
+    "optim.optimizer": "DINOv3 trains with AdamW",
+    "train.centering": "DINOv3 centres the teacher with Sinkhorn-Knopp",
 }
 
 # v1 schedule keys, replaced by the `schedules` section when it is present.

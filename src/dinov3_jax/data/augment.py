@@ -3,8 +3,16 @@
 Per image: 2 global crops and L local crops. Global crop 1: crop+flip → colour jitter (p 0.8) →
 grayscale (p 0.2) → never blurred. Global crop 2: the same, blurred with probability 0.9, then
 solarised (p 0.2). Local crops: blurred with probability 0.5. These are the *effective*
-probabilities of the official code (which passes ``1 - p`` to ``RandomApply``, dinov3 issue #286).
+probabilities of the official code (which passes ``1 - p`` to ``RandomApply``, dinov3 issue #286);
+``AugmentConfig.inverted_blur_probabilities=False`` (the pipeline passes
+``compat.inverted_blur_probabilities``) uses the nominal ones instead: global 1 always blurred,
+global 2 with probability 0.1, local crops 0.5.
 Output crops are float32 HWC, ``(x / 255 - mean) / std``.
+
+Optional (RECIPE.md §6.2, all off by default): Gram-teacher crops (``gram_teacher_crops_size``,
+``gram_teacher_no_distortions``), colour jitter and grayscale applied once to the whole image
+before cropping (``share_color_jitter``) and local crops cut as patch-aligned windows out of the
+global views (``localcrops_subset_of_globalcrops``); see :class:`DataAugmentationDINO`.
 """
 
 from __future__ import annotations
@@ -23,6 +31,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BLUR_P_GLOBAL1 = 0.0
 BLUR_P_GLOBAL2 = 0.9
 BLUR_P_LOCAL = 0.5
+# Nominal probabilities (inverted_blur_probabilities=False).
+NOMINAL_BLUR_P_GLOBAL1 = 1.0
+NOMINAL_BLUR_P_GLOBAL2 = 0.1
+NOMINAL_BLUR_P_LOCAL = 0.5
 SOLARIZE_P_GLOBAL2 = 0.2
 COLOR_JITTER_P = 0.8
 GRAYSCALE_P = 0.2
@@ -47,6 +59,31 @@ class AugmentConfig:
     grayscale_prob: float = GRAYSCALE_P
     rgb_mean: tuple[float, float, float] = IMAGENET_MEAN
     rgb_std: tuple[float, float, float] = IMAGENET_STD
+    # RECIPE.md §6.2 options of the official DataAugmentationDINO (defaults: off).
+    gram_teacher_crops_size: int | None = None
+    gram_teacher_no_distortions: bool = False
+    share_color_jitter: bool = False
+    localcrops_subset_of_globalcrops: bool = False
+    # Not ``crops.*`` keys; the pipeline passes them as overrides. ``patch_size`` (the student's)
+    # is the grid of the local-window offsets of ``localcrops_subset_of_globalcrops``;
+    # ``inverted_blur_probabilities`` is ``compat.inverted_blur_probabilities`` (module docstring).
+    patch_size: int = 16
+    inverted_blur_probabilities: bool = True
+
+    def __post_init__(self) -> None:
+        if int(self.patch_size) != self.patch_size or self.patch_size <= 0:
+            raise ValueError(f"patch_size must be a positive integer, got {self.patch_size}")
+        if self.localcrops_subset_of_globalcrops and self.local_crops_size > self.global_crops_size:
+            raise ValueError(
+                f"crops.localcrops_subset_of_globalcrops: the local crop size {self.local_crops_size} must not "
+                f"exceed the global crop size {self.global_crops_size} (local crops are windows of global views)"
+            )
+
+    def blur_probabilities(self) -> tuple[float, float, float]:
+        """Blur probabilities of (global crop 1, global crop 2, local crops)."""
+        if self.inverted_blur_probabilities:
+            return BLUR_P_GLOBAL1, BLUR_P_GLOBAL2, BLUR_P_LOCAL
+        return NOMINAL_BLUR_P_GLOBAL1, NOMINAL_BLUR_P_GLOBAL2, NOMINAL_BLUR_P_LOCAL
 
     @classmethod
     def from_any(cls, crops: Any = None, **overrides: Any) -> AugmentConfig:
@@ -63,14 +100,24 @@ class AugmentConfig:
         unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
             raise TypeError(f"unknown augmentation options {sorted(unknown)}")
-        for k in ("global_crops_size", "local_crops_size"):
+        # The config allows one size per resolution (multi-resolution training); the augmentation
+        # works on one resolution at a time, so a one-element tuple is unwrapped.
+        for k in ("global_crops_size", "local_crops_size", "gram_teacher_crops_size"):
             if isinstance(values.get(k), (tuple, list)):
                 if len(values[k]) != 1:
                     raise NotImplementedError(f"crops.{k}={values[k]}: multi-resolution crops are not supported")
                 values[k] = values[k][0]
+        if values.get("gram_teacher_crops_size") is not None:
+            values["gram_teacher_crops_size"] = int(values["gram_teacher_crops_size"])
+            if values["gram_teacher_crops_size"] <= 0:
+                raise ValueError(
+                    f"crops.gram_teacher_crops_size must be positive, got {values['gram_teacher_crops_size']}"
+                )
         for k in ("global_crops_scale", "local_crops_scale", "color_jitter", "rgb_mean", "rgb_std"):
             if k in values:
                 values[k] = tuple(float(x) for x in values[k])
+        if "patch_size" in values:
+            values["patch_size"] = int(values["patch_size"])
         return cls(**values)
 
 
@@ -111,11 +158,21 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int) -> Image.Image:
+    """Bicubic resize of the ``(top, left, h, w)`` region of ``img`` to ``size``×``size``."""
+    top, left, h, w = box
+    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+
+
 def random_resized_crop(
     img: Image.Image, rng: np.random.Generator, size: int, scale: tuple[float, float]
 ) -> Image.Image:
-    top, left, h, w = random_resized_crop_box(rng, img.width, img.height, scale)
-    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    return crop_resize(img, random_resized_crop_box(rng, img.width, img.height, scale), size)
+
+
+def resize_square(img: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize to ``size``×``size``; a no-op at that size already (like torchvision's Resize)."""
+    return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +190,39 @@ def adjust_hue(img: Image.Image, hue: float) -> Image.Image:
     return Image.merge("HSV", (h, s, v)).convert("RGB")
 
 
+def draw_jitter_params(
+    rng: np.random.Generator,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.2,
+    hue: float = 0.1,
+) -> dict[str, Any]:
+    """One colour-jitter outcome: op ``order`` (0 brightness, 1 contrast, 2 saturation, 3 hue), factors
+    ~ U(1 ± x) and hue ~ U(±hue). Kept apart from :func:`apply_color_jitter` so that the outcome can
+    be recorded in the augmentation trace."""
+    order = tuple(int(i) for i in rng.permutation(4))
+    return {
+        "order": order,
+        "brightness": float(rng.uniform(1 - brightness, 1 + brightness)),
+        "contrast": float(rng.uniform(1 - contrast, 1 + contrast)),
+        "saturation": float(rng.uniform(1 - saturation, 1 + saturation)),
+        "hue": float(rng.uniform(-hue, hue)),
+    }
+
+
+def apply_color_jitter(img: Image.Image, params: dict[str, Any]) -> Image.Image:
+    for op in params["order"]:
+        if op == 0:
+            img = ImageEnhance.Brightness(img).enhance(params["brightness"])
+        elif op == 1:
+            img = ImageEnhance.Contrast(img).enhance(params["contrast"])
+        elif op == 2:
+            img = ImageEnhance.Color(img).enhance(params["saturation"])
+        else:
+            img = adjust_hue(img, params["hue"])
+    return img
+
+
 def color_jitter(
     img: Image.Image,
     rng: np.random.Generator,
@@ -142,21 +232,7 @@ def color_jitter(
     hue: float = 0.1,
 ) -> Image.Image:
     """Brightness/contrast/saturation factors ~ U(1 ± x), hue ~ U(±hue), applied in random order."""
-    order = rng.permutation(4)
-    b = rng.uniform(1 - brightness, 1 + brightness)
-    c = rng.uniform(1 - contrast, 1 + contrast)
-    s = rng.uniform(1 - saturation, 1 + saturation)
-    h = rng.uniform(-hue, hue)
-    for op in order:
-        if op == 0:
-            img = ImageEnhance.Brightness(img).enhance(b)
-        elif op == 1:
-            img = ImageEnhance.Contrast(img).enhance(c)
-        elif op == 2:
-            img = ImageEnhance.Color(img).enhance(s)
-        else:
-            img = adjust_hue(img, h)
-    return img
+    return apply_color_jitter(img, draw_jitter_params(rng, brightness, contrast, saturation, hue))
 
 
 def grayscale(img: Image.Image) -> Image.Image:
@@ -212,7 +288,29 @@ def to_pil_rgb(image: Image.Image | np.ndarray) -> Image.Image:
 
 
 class DataAugmentationDINO:
-    """``aug(image, rng) -> {"global_crops": [2, S, S, 3], "local_crops": [L, s, s, 3]}`` float32."""
+    """``aug(image, rng) -> {"global_crops": [2, S, S, 3], "local_crops": [L, s, s, 3]}`` float32,
+    plus ``"gram_teacher_crops": [2, G, G, 3]`` when ``gram_teacher_crops_size`` is set and
+    ``"offsets": int32 [L, 2]`` with ``localcrops_subset_of_globalcrops`` (RECIPE.md §6.2).
+
+    Gram-teacher crops: each global crop is first taken at ``max(S, G)`` px. With
+    ``gram_teacher_no_distortions`` the base crop is resized (bicubic) to ``S`` before the photometric
+    ops and the Gram crop is the undistorted base crop resized to ``G``; otherwise the photometric ops
+    run at ``max(S, G)`` px and the distorted crop is resized to ``S`` and to ``G`` afterwards.
+
+    ``share_color_jitter``: the colour jitter (p ``color_jitter_prob``) and the random grayscale
+    (p ``grayscale_prob``) are applied once to the whole source image, before any cropping; the crops'
+    own photometric ops then skip jitter and grayscale (blur and solarisation stay per crop). Every
+    crop therefore carries that shared outcome -- the Gram-teacher crops too, even with
+    ``gram_teacher_no_distortions``, as they are cut from the jittered image.
+
+    ``localcrops_subset_of_globalcrops``: the first ``L // 2`` local crops come from global view 1,
+    the others from global view 2, where a global view is the geometric global crop (crop + flip) at
+    ``S`` px, before its photometric ops (with Gram crops: after the resize to ``S``). For each local
+    crop the view goes through the local photometric ops (jitter unless shared, grayscale, blur with
+    the local probability) at ``S`` px, then an ``s``×``s`` window is cut at ``(top, left)``, each
+    drawn uniformly among the multiples of ``patch_size`` in ``[0, S - s]``; no resize, no flip.
+    ``offsets[i]`` is local crop ``i``'s ``(top, left)`` in its view's pixels.
+    """
 
     def __init__(self, cfg: AugmentConfig | None = None, **overrides: Any):
         self.cfg = cfg = AugmentConfig.from_any(cfg, **overrides)
@@ -220,10 +318,16 @@ class DataAugmentationDINO:
         self.std = np.asarray(cfg.rgb_std, np.float32)
         self.flip_p = 0.5 if cfg.horizontal_flips else 0.0
 
-    def _geometric(self, img: Image.Image, rng: np.random.Generator, size: int, scale) -> Image.Image:
-        img = random_resized_crop(img, rng, size, scale)
-        if rng.random() < self.flip_p:
+    def _geometric(
+        self, img: Image.Image, rng: np.random.Generator, size: int, scale, trace: dict | None = None
+    ) -> Image.Image:
+        box = random_resized_crop_box(rng, img.width, img.height, scale)
+        img = crop_resize(img, box, size)
+        flip = bool(rng.random() < self.flip_p)
+        if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if trace is not None:
+            trace.update(box=box, flip=flip)
         return img
 
     def _photometric(
@@ -232,49 +336,116 @@ class DataAugmentationDINO:
         rng: np.random.Generator,
         blur_p: float,
         solarize_p: float = 0.0,
-        trace: dict[str, bool] | None = None,
-    ) -> np.ndarray:
-        applied = {"jitter": rng.random() < self.cfg.color_jitter_prob}
-        if applied["jitter"]:
-            img = color_jitter(img, rng, *self.cfg.color_jitter)
-        applied["grayscale"] = rng.random() < self.cfg.grayscale_prob
+        trace: dict[str, Any] | None = None,
+        jitter_p: float | None = None,
+        grayscale_p: float | None = None,
+    ) -> Image.Image:
+        """Jitter → grayscale → blur → solarise; ``jitter_p``/``grayscale_p`` default to the config's.
+        A probability of 0 still consumes its draw, so that the random stream does not depend on it."""
+        # The draw order (jitter decision, its parameters, grayscale, blur, solarise) is that of the
+        # original implementation, so that the default path reproduces earlier results bit for bit.
+        c = self.cfg
+        jitter_p = c.color_jitter_prob if jitter_p is None else jitter_p
+        grayscale_p = c.grayscale_prob if grayscale_p is None else grayscale_p
+        params = draw_jitter_params(rng, *c.color_jitter) if rng.random() < jitter_p else None
+        applied: dict[str, Any] = {"jitter": params is not None, "jitter_params": params}
+        if params is not None:
+            img = apply_color_jitter(img, params)
+        applied["grayscale"] = bool(rng.random() < grayscale_p)
         if applied["grayscale"]:
             img = grayscale(img)
-        applied["blur"] = rng.random() < blur_p
+        applied["blur"] = bool(rng.random() < blur_p)
+        applied["blur_sigma"] = float(rng.uniform(*BLUR_SIGMA)) if applied["blur"] else None
         if applied["blur"]:
-            img = gaussian_blur(img, rng.uniform(*BLUR_SIGMA))
-        applied["solarize"] = rng.random() < solarize_p
+            img = gaussian_blur(img, applied["blur_sigma"])
+        applied["solarize"] = bool(rng.random() < solarize_p)
         if applied["solarize"]:
             img = solarize(img, 128)
         if trace is not None:
             trace.update(applied)
-        return normalize(img, self.mean, self.std)
+        return img
 
     def __call__(
         self, image: Image.Image | np.ndarray, rng: np.random.Generator, trace: list[dict] | None = None
     ) -> dict[str, np.ndarray]:
-        """Pass a list as ``trace`` to get, per crop, which photometric ops were applied."""
+        """Pass a list as ``trace`` to get one record per crop (globals first, then locals):
+
+        ``crop`` (name), ``jitter``/``grayscale``/``blur``/``solarize`` (whether the crop's own op was
+        applied), ``jitter_params`` (its jitter outcome, None when not applied), ``blur_sigma`` (None
+        when not blurred), ``box`` (``(top, left, h, w)`` of the crop), ``flip``, ``parent`` (None, or
+        the index of the global view a local crop was cut from) and the image-level ``shared_jitter``/``shared_jitter_params``/
+        ``shared_grayscale`` (``share_color_jitter``; False/None otherwise). ``box`` is the
+        RandomResizedCrop box in source-image pixels, except for local crops with a parent, where it
+        is the ``(top, left, s, s)`` window in the parent view's pixels (``flip`` is then False).
+        """
         img = to_pil_rgb(image)
         c = self.cfg
+        norm = self._normalize
+        gram = c.gram_teacher_crops_size
+        size, s = c.global_crops_size, c.local_crops_size
         names = ["global1", "global2"] + [f"local{i}" for i in range(c.local_crops_number)]
-        records = [{"crop": n} for n in names]
+        records: list[dict[str, Any]] = [{"crop": n, "parent": None} for n in names]
         if trace is not None:
             trace.extend(records)
-        g1 = self._geometric(img, rng, c.global_crops_size, c.global_crops_scale)
-        g1 = self._photometric(g1, rng, BLUR_P_GLOBAL1, trace=records[0])
-        g2 = self._geometric(img, rng, c.global_crops_size, c.global_crops_scale)
-        g2 = self._photometric(g2, rng, BLUR_P_GLOBAL2, SOLARIZE_P_GLOBAL2, trace=records[1])
-        locs = [
-            self._photometric(
-                self._geometric(img, rng, c.local_crops_size, c.local_crops_scale),
-                rng,
-                BLUR_P_LOCAL,
-                trace=records[2 + i],
-            )
-            for i in range(c.local_crops_number)
-        ]
-        s = c.local_crops_size
-        return {
-            "global_crops": np.stack([g1, g2]),
+        shared: dict[str, Any] = {"shared_jitter": False, "shared_jitter_params": None, "shared_grayscale": False}
+        own_p: dict[str, Any] = {}
+        if c.share_color_jitter:
+            # Once per image, before any crop; the crops' own jitter and grayscale are then off.
+            params = draw_jitter_params(rng, *c.color_jitter) if rng.random() < c.color_jitter_prob else None
+            if params is not None:
+                img = apply_color_jitter(img, params)
+            gray = bool(rng.random() < c.grayscale_prob)
+            if gray:
+                img = grayscale(img)
+            shared = {"shared_jitter": params is not None, "shared_jitter_params": params, "shared_grayscale": gray}
+            own_p = {"jitter_p": 0.0, "grayscale_p": 0.0}
+        for rec in records:
+            rec.update(shared)
+        blur_g1, blur_g2, blur_local = c.blur_probabilities()
+        subset = c.localcrops_subset_of_globalcrops
+        view_size = size if gram is None else max(size, gram)
+        views, globals_, grams = [], [], []
+        for k, (blur_p, solarize_p) in enumerate(((blur_g1, 0.0), (blur_g2, SOLARIZE_P_GLOBAL2))):
+            view = self._geometric(img, rng, view_size, c.global_crops_scale, trace=records[k])
+            if gram is not None and c.gram_teacher_no_distortions:
+                # Resize first, so the photometric ops (blur above all) see the global crop size.
+                base = resize_square(view, size)
+                crop = self._photometric(base, rng, blur_p, solarize_p, records[k], **own_p)
+                grams.append(norm(resize_square(view, gram)))
+            else:
+                base = resize_square(view, size) if subset else None
+                crop = self._photometric(view, rng, blur_p, solarize_p, records[k], **own_p)
+                if gram is not None:
+                    grams.append(norm(resize_square(crop, gram)))
+                    crop = resize_square(crop, size)
+            views.append(base)
+            globals_.append(norm(crop))
+        locs, offsets = [], []
+        n_first = c.local_crops_number // 2
+        steps = (size - s) // c.patch_size + 1  # valid window offsets: 0, p, 2p, ... <= size - s
+        for i in range(c.local_crops_number):
+            rec = records[2 + i]
+            if subset:
+                parent = 0 if i < n_first else 1
+                full = self._photometric(views[parent], rng, blur_local, 0.0, rec, **own_p)
+                top = int(rng.integers(0, steps)) * c.patch_size
+                left = int(rng.integers(0, steps)) * c.patch_size
+                loc = full.crop((left, top, left + s, top + s))
+                rec.update(parent=parent, box=(top, left, s, s), flip=False)
+                offsets.append((top, left))
+            else:
+                loc = self._geometric(img, rng, s, c.local_crops_scale, trace=rec)
+                loc = self._photometric(loc, rng, blur_local, 0.0, rec, **own_p)
+            locs.append(norm(loc))
+        out = {
+            "global_crops": np.stack(globals_),
             "local_crops": np.stack(locs) if locs else np.zeros((0, s, s, 3), np.float32),
         }
+        if gram is not None:
+            out["gram_teacher_crops"] = np.stack(grams)
+        if subset:
+            out["offsets"] = np.asarray(offsets, np.int32).reshape(len(offsets), 2)
+        return out
+
+    def _normalize(self, img: Image.Image) -> np.ndarray:
+        return normalize(img, self.mean, self.std)

@@ -11,6 +11,11 @@ Everything up to ``to_iter_dataset`` is a ``MapDataset``: batch ``t`` is a pure 
 (seed, process, t), so the output is the same for any ``num_workers`` and the iterator state
 (``get_state()`` / ``set_state()``, a next-index counter) resumes exactly. Unreadable images are
 replaced by the next readable source index and counted in ``batch["n_skipped"]``.
+
+Several (global, local[, Gram-teacher]) crop-size pairs (the high-resolution adaptation stage,
+paper §5.1): every step uses one pair for all of its images on every host, drawn with
+``crops.global_local_crop_pairs_ratios`` from a generator seeded by (seed, step) alone
+(`crop_pair_index`), so the choice needs no communication and a resumed run draws the same pairs.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dinov3_jax.data.sources import ImageSource, UnreadableImage
 
 _SAMPLE_TAG = 0xC20F  # domain separators for the seed sequences
 _MASK_TAG = 0x1B07
+_PAIR_TAG = 0x9A1C
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class TrainDataSpec:
     max_masked_tokens: int
     mask_ratio_min_max: tuple[float, float]
     mask_sample_probability: float
+    gram_size: int | None = None
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         b, s, ls = self.per_host_batch, self.global_size, self.local_size
@@ -54,7 +61,62 @@ class TrainDataSpec:
             "mask_weights": ((self.max_masked_tokens,), np.float32),
             "labels": ((b,), np.int32),
             "n_skipped": ((), np.int32),
+            **(
+                {"gram_teacher_crops": ((2 * b, self.gram_size, self.gram_size, 3), np.float32)}
+                if self.gram_size
+                else {}
+            ),
         }
+
+
+@dataclass(frozen=True)
+class CropPairs:
+    """The crop sizes of each resolution and the probability of each (one entry = one resolution)."""
+
+    global_sizes: tuple[int, ...]
+    local_sizes: tuple[int, ...]
+    gram_sizes: tuple[int | None, ...]
+    ratios: tuple[float, ...]
+
+    @classmethod
+    def from_crops(cls, crops: Any) -> CropPairs:
+        """From ``cfg.crops`` (scalars or lists of the official keys; a scalar is repeated)."""
+
+        def sizes(value) -> tuple:
+            return tuple(value) if isinstance(value, tuple | list) else (value,)
+
+        g = sizes(_cfg_get(crops, "global_crops_size", 224))
+        loc = sizes(_cfg_get(crops, "local_crops_size", 96))
+        gram = sizes(_cfg_get(crops, "gram_teacher_crops_size", None))
+        ratios = sizes(_cfg_get(crops, "global_local_crop_pairs_ratios", 1.0))
+        n = max(len(g), len(loc), len(gram))
+        widen = lambda t: t * n if len(t) == 1 else t  # noqa: E731
+        g, loc, gram = widen(g), widen(loc), widen(gram)
+        ratios = (1.0,) if n == 1 else tuple(float(r) for r in ratios)
+        if not len(g) == len(loc) == len(gram) == len(ratios):
+            raise ValueError(
+                f"crop size lists of different lengths: global {g}, local {loc}, gram {gram}, ratios {ratios}"
+            )
+        return cls(tuple(map(int, g)), tuple(map(int, loc)), tuple(None if x is None else int(x) for x in gram), ratios)
+
+    def __len__(self) -> int:
+        return len(self.global_sizes)
+
+    def pair(self, i: int) -> dict[str, int | None]:
+        return {
+            "global_crops_size": self.global_sizes[i],
+            "local_crops_size": self.local_sizes[i],
+            "gram_teacher_crops_size": self.gram_sizes[i],
+        }
+
+
+def crop_pair_index(seed: int, step: int, ratios: tuple[float, ...]) -> int:
+    """The crop-size pair of global step ``step``: a draw with probabilities ``ratios`` from a
+    generator seeded by (seed, step), the same on every host and after a resume."""
+    if len(ratios) == 1:
+        return 0
+    rng = np.random.default_rng([seed, _PAIR_TAG, int(step)])
+    return int(rng.choice(len(ratios), p=np.asarray(ratios) / np.sum(ratios)))
 
 
 class _TagPosition:
@@ -78,55 +140,76 @@ def load_with_skips(source: ImageSource, index: int, max_skips: int) -> tuple[Im
 
 
 class _MakeSample:
-    def __init__(self, source: ImageSource, aug: DataAugmentationDINO, seed: int, max_skips: int):
-        self.source, self.aug, self.seed, self.max_skips = source, aug, seed, max_skips
+    def __init__(
+        self,
+        source: ImageSource,
+        augs: list[DataAugmentationDINO],
+        ratios: tuple[float, ...],
+        global_batch: int,
+        seed: int,
+        max_skips: int,
+    ):
+        self.source, self.augs, self.ratios, self.seed, self.max_skips = source, augs, ratios, seed, max_skips
+        self.global_batch = global_batch
         self.n = len(source)
 
     def __call__(self, item: tuple[int, int]) -> dict[str, Any]:
         pos, src_index = item
         rng = np.random.default_rng([self.seed, _SAMPLE_TAG, pos // self.n, pos])
         image, label, skipped = load_with_skips(self.source, src_index, self.max_skips)
-        crops = self.aug(image, rng)
-        return {
-            "global_crops": crops["global_crops"],
-            "local_crops": crops["local_crops"],
-            "labels": np.int32(label),
-            "n_skipped": np.int32(skipped),
-        }
+        # Stream positions [t·G, (t+1)·G) (G = the global batch) make up step t on all hosts.
+        aug = self.augs[crop_pair_index(self.seed, pos // self.global_batch, self.ratios)]
+        crops = aug(image, rng)
+        return {**crops, "labels": np.int32(label), "n_skipped": np.int32(skipped)}
 
 
 class _Collate:
     """Stacked samples ``[B, n_crops, ...]`` → crop-major crops and the batch's iBOT masks."""
 
     def __init__(
-        self, spec: TrainDataSpec, seed: int, process_index: int, min_num_patches: int, max_block_ratio: float
+        self,
+        specs: list[TrainDataSpec],
+        ratios: tuple[float, ...],
+        seed: int,
+        process_index: int,
+        min_num_patches: int,
+        max_block_ratio: float,
     ):
-        self.spec, self.seed, self.process_index = spec, seed, process_index
-        g = spec.global_size // spec.patch_size
-        self.generator = MaskingGenerator(
-            (g, g), max_num_patches=int(max_block_ratio * g * g), min_num_patches=min_num_patches
-        )
+        self.specs, self.ratios, self.seed, self.process_index = specs, ratios, seed, process_index
+
+        def generator(spec: TrainDataSpec) -> MaskingGenerator:
+            g = spec.global_size // spec.patch_size
+            return MaskingGenerator(
+                (g, g), max_num_patches=int(max_block_ratio * g * g), min_num_patches=min_num_patches
+            )
+
+        self.generators = [generator(spec) for spec in specs]
 
     def __call__(self, step: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        sp = self.spec
+        pair = crop_pair_index(self.seed, step, self.ratios)
+        sp = self.specs[pair]
         g, loc = batch["global_crops"], batch["local_crops"]
         b = g.shape[0]
         rng = np.random.default_rng([self.seed, _MASK_TAG, self.process_index, int(step)])
         masks = collate_masks(
             2 * b,
-            self.generator,
+            self.generators[pair],
             rng,
             mask_ratio_min_max=sp.mask_ratio_min_max,
             mask_sample_probability=sp.mask_sample_probability,
             max_tokens=sp.max_masked_tokens,
         )
-        return {
-            "global_crops": np.ascontiguousarray(g.swapaxes(0, 1)).reshape(2 * b, *g.shape[2:]),
-            "local_crops": np.ascontiguousarray(loc.swapaxes(0, 1)).reshape(loc.shape[1] * b, *loc.shape[2:]),
+        crop_major = lambda x: np.ascontiguousarray(x.swapaxes(0, 1)).reshape(-1, *x.shape[2:])  # noqa: E731
+        out = {
+            "global_crops": crop_major(g),
+            "local_crops": crop_major(loc),
             **masks,
             "labels": batch["labels"].astype(np.int32),
             "n_skipped": np.int32(batch["n_skipped"].sum()),
         }
+        if "gram_teacher_crops" in batch:
+            out["gram_teacher_crops"] = crop_major(batch["gram_teacher_crops"])
+        return out
 
 
 def _absl_flags_parsed() -> None:
@@ -178,12 +261,21 @@ def build_train_pipeline(
     ``ibot.mask_ratio_min_max``, ``ibot.mask_sample_probability``, ``data.num_workers``,
     ``data.prefetch_buffer_size``) unless
     given explicitly; ``crop_overrides`` are :class:`AugmentConfig` fields. The static shapes are
-    in ``pipeline.spec`` (:class:`TrainDataSpec`). ``start_step`` starts at that batch (the same one
+    in ``pipeline.specs`` (one :class:`TrainDataSpec` per crop-size pair; ``pipeline.spec`` is the
+    first), the pairs in ``pipeline.crop_pairs``; with a Gram-teacher crop size the batches also
+    hold ``gram_teacher_crops [2B, G, G, 3]`` (crop-major). ``start_step`` starts at that batch (the same one
     an uninterrupted stream yields there); checkpoint resume should use ``set_state`` instead.
     """
     if seed is None:
         seed = int(_cfg_get(cfg, "train.seed", 0))
-    aug_cfg = AugmentConfig.from_any(crops if crops is not None else _cfg_get(cfg, "crops"), **crop_overrides)
+    crops_cfg = crops if crops is not None else _cfg_get(cfg, "crops")
+    pairs = CropPairs.from_crops(crops_cfg if crops_cfg is not None else {})
+    explicit = {
+        k: crop_overrides.pop(k, None) for k in ("global_crops_size", "local_crops_size", "gram_teacher_crops_size")
+    }
+    sizes = {k: v for k, v in explicit.items() if v is not None}
+    if sizes:  # explicit sizes: one resolution
+        pairs = CropPairs.from_crops({**pairs.pair(0), **sizes})
     patch_size = int(patch_size or _cfg_get(cfg, "student.patch_size", 16))
     mask_ratio_min_max = tuple(mask_ratio_min_max or _cfg_get(cfg, "ibot.mask_ratio_min_max", (0.1, 0.5)))
     if mask_sample_probability is None:
@@ -194,46 +286,53 @@ def build_train_pipeline(
         prefetch_buffer_size = int(_cfg_get(cfg, "data.prefetch_buffer_size", 2))
     if per_host_batch <= 0:
         raise ValueError(f"per_host_batch must be > 0, got {per_host_batch}")
-    if aug_cfg.global_crops_size % patch_size:
-        raise ValueError(
-            f"global crop size {aug_cfg.global_crops_size} is not a multiple of the patch size {patch_size}"
-        )
+    for size in pairs.global_sizes:
+        if size % patch_size:
+            raise ValueError(f"global crop size {size} is not a multiple of the patch size {patch_size}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} outside [0, {process_count})")
     n = len(source)
     if n == 0:
         raise ValueError("the training source is empty")
 
-    grid = aug_cfg.global_crops_size // patch_size
-    n_patches = grid * grid
-    spec = TrainDataSpec(
-        per_host_batch=per_host_batch,
-        global_size=aug_cfg.global_crops_size,
-        local_size=aug_cfg.local_crops_size,
-        n_local=aug_cfg.local_crops_number,
-        patch_size=patch_size,
-        n_patches=n_patches,
-        max_masked_tokens=max_masked_tokens(
-            2 * per_host_batch, n_patches, mask_ratio_min_max[1], mask_sample_probability
-        ),
-        mask_ratio_min_max=(float(mask_ratio_min_max[0]), float(mask_ratio_min_max[1])),
-        mask_sample_probability=float(mask_sample_probability),
-    )
-    aug = DataAugmentationDINO(aug_cfg)
+    augs, specs = [], []
+    for i in range(len(pairs)):
+        aug_cfg = AugmentConfig.from_any(crops_cfg, **crop_overrides, **pairs.pair(i), patch_size=patch_size)
+        grid = aug_cfg.global_crops_size // patch_size
+        n_patches = grid * grid
+        augs.append(DataAugmentationDINO(aug_cfg))
+        specs.append(
+            TrainDataSpec(
+                per_host_batch=per_host_batch,
+                global_size=aug_cfg.global_crops_size,
+                local_size=aug_cfg.local_crops_size,
+                n_local=aug_cfg.local_crops_number,
+                patch_size=patch_size,
+                n_patches=n_patches,
+                max_masked_tokens=max_masked_tokens(
+                    2 * per_host_batch, n_patches, mask_ratio_min_max[1], mask_sample_probability
+                ),
+                mask_ratio_min_max=(float(mask_ratio_min_max[0]), float(mask_ratio_min_max[1])),
+                mask_sample_probability=float(mask_sample_probability),
+                gram_size=aug_cfg.gram_teacher_crops_size,
+            )
+        )
 
     ds = grain.MapDataset.range(n).shuffle(seed=seed % 2**32).repeat(None)
     ds = ds.map_with_index(_TagPosition())
     ds = ds.slice(slice(process_index, None, process_count))
-    ds = ds.map(_MakeSample(source, aug, seed, max_skips))
+    ds = ds.map(_MakeSample(source, augs, pairs.ratios, per_host_batch * process_count, seed, max_skips))
     ds = ds.batch(per_host_batch, drop_remainder=True)
-    ds = ds.map_with_index(_Collate(spec, seed, process_index, mask_min_num_patches, mask_max_block_ratio))
+    ds = ds.map_with_index(
+        _Collate(specs, pairs.ratios, seed, process_index, mask_min_num_patches, mask_max_block_ratio)
+    )
     if start_step:
         ds = ds.slice(slice(int(start_step), None))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     if num_workers > 0:
         _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
-    it.spec = spec
+    it.spec, it.specs, it.crop_pairs = specs[0], specs, pairs
     return it
 
 

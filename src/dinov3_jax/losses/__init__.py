@@ -2,7 +2,7 @@
 
 from dinov3_jax.losses.centering import sinkhorn_knopp, softmax_center, update_center
 from dinov3_jax.losses.dino import dino_loss
-from dinov3_jax.losses.gram import gram_loss
+from dinov3_jax.losses.gram import gram_loss, resize_patch_features
 from dinov3_jax.losses.ibot import ibot_loss
 from dinov3_jax.losses.koleo import koleo_loss
 
@@ -11,6 +11,7 @@ __all__ = [
     "gram_loss",
     "ibot_loss",
     "koleo_loss",
+    "resize_patch_features",
     "sinkhorn_knopp",
     "softmax_center",
     "update_center",

@@ -25,28 +25,47 @@ from dinov3_jax import parallel
 from dinov3_jax.checkpoint import Checkpointer
 from dinov3_jax.configs import (
     Config,
+    ConfigError,
     config_to_yaml,
     global_batch_size,
     schedule_steps,
     student_vit_config,
-    teacher_vit_config,
     total_steps,
     validate_for_devices,
 )
-from dinov3_jax.data.pipeline import build_eval_pipeline, build_train_pipeline
+from dinov3_jax.data.pipeline import CropPairs, build_eval_pipeline, build_train_pipeline
 from dinov3_jax.data.sources import make_source
 from dinov3_jax.eval.features import extract_features
 from dinov3_jax.eval.knn import knn_accuracy
 from dinov3_jax.models.vit import DinoVisionTransformer
 from dinov3_jax.train.optim import optimizer_from_config
-from dinov3_jax.train.schedules import build_schedules
-from dinov3_jax.train.step import HeadConfig, LossConfig, SSLModel, make_train_step, to_sample_major
+from dinov3_jax.train.schedules import build_schedules, gram_teacher_copies
+from dinov3_jax.train.start import NO_PATH, place_like, read_start_weights, restore_run_state
+from dinov3_jax.train.step import GramConfig, HeadConfig, LossConfig, SSLModel, make_train_step, to_sample_major
 from dinov3_jax.utils.metrics import MetricsWriter
+from dinov3_jax.weights import save_backbone
 
 log = logging.getLogger(__name__)
 
-PER_SAMPLE_KEYS = ("global_crops", "local_crops", "masks", "labels", "mask_indices", "mask_weights")
-SCHEDULE_KEYS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr", "dino_local_weight")
+PER_SAMPLE_KEYS = (
+    "global_crops",
+    "local_crops",
+    "gram_teacher_crops",
+    "masks",
+    "labels",
+    "mask_indices",
+    "mask_weights",
+)
+SCHEDULE_KEYS = (
+    "lr",
+    "wd",
+    "momentum",
+    "teacher_temp",
+    "last_layer_lr",
+    "backbone_lr_scale",
+    "dino_local_weight",
+    "gram_weight",
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,7 +86,27 @@ def head_configs(cfg: Config) -> tuple[HeadConfig, HeadConfig]:
     return head(cfg.dino), head(cfg.ibot)
 
 
-def loss_config(cfg: Config, koleo_groups: int) -> LossConfig:
+def loss_config(cfg: Config, n_devices: int, global_batch: int) -> LossConfig:
+    """The static loss settings. KoLeo and Gram work per device (the official per-rank losses);
+    distributed KoLeo over groups of `dino.koleo_distributed_loss_group_size` samples (RECIPE.md §4.4)."""
+    koleo_groups = n_devices
+    if cfg.dino.koleo_loss_distributed:
+        koleo_groups = global_batch // (cfg.dino.koleo_distributed_loss_group_size or global_batch)
+    g = cfg.gram
+    gram = None
+    if g.use_loss:
+        gram = GramConfig(
+            normalized=g.normalized,
+            img_level=g.img_level,
+            remove_neg=g.remove_neg,
+            remove_only_teacher_neg=g.remove_only_teacher_neg,
+            teacher_neg_as_official=cfg.compat.gram_remove_only_teacher_neg_as_official,
+            tokens_used=g.tokens_used,
+            resize_method=g.global_teacher_resize_method,
+            resize_antialias=g.global_teacher_resize_antialias,
+            ema_teacher=g.ema_teacher,
+            groups=n_devices,
+        )
     return LossConfig(
         n_local_crops=cfg.crops.local_crops_number,
         dino_weight=cfg.dino.loss_weight,
@@ -76,7 +115,13 @@ def loss_config(cfg: Config, koleo_groups: int) -> LossConfig:
         global_ignore_diagonal=cfg.dino.global_ignore_diagonal,
         centering=cfg.train.centering,
         koleo_groups=koleo_groups,
+        gram=gram,
     )
+
+
+def uses_gram_teacher(cfg: Config) -> bool:
+    """A separate, frozen Gram teacher is part of the train state."""
+    return cfg.gram.use_loss and not cfg.gram.ema_teacher
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +172,7 @@ class KnnEvaluator:
             d.val_source or d.source, d.val_path or d.path, split="test", **_source_kwargs(cfg, d.knn_val_samples)
         )
         self.kw = dict(
-            resolution=cfg.crops.global_crops_size,
+            resolution=CropPairs.from_crops(cfg.crops).global_sizes[0],
             mean=tuple(cfg.crops.rgb_mean),
             std=tuple(cfg.crops.rgb_std),
         )
@@ -188,28 +233,61 @@ class TrainingSetup:
     teacher_def: Any
     init_params: Any
     loss_config: LossConfig
+    # Jitted state → state with the Gram teacher set to the EMA teacher's backbone (None without).
+    copy_teacher_to_gram: Any = None
 
 
-def setup(cfg: Config, mesh, *, global_batch: int, steps: int, koleo_groups: int | None = None) -> TrainingSetup:
-    """`steps` is the length the schedules are laid out over. Builds the models (initialised directly into their shardings), the optimizer, the state and
-    the jitted step for `mesh`. `koleo_groups` defaults to one group per device (RECIPE.md §4.4)."""
-    student_vit, teacher_vit = student_vit_config(cfg), teacher_vit_config(cfg)
+def start_weights(cfg: Config, vit, abstract_params: dict) -> tuple[dict | None, Any]:
+    """The weights the student and its EMA teacher start from (`student.resume_from_teacher_chkpt`
+    or `student.pretrained_weights`), or None for the random initialisation; and the backbone
+    config with the file's RoPE periods."""
+    for key in ("student.resume_from_teacher_chkpt", "student.pretrained_weights"):
+        path = getattr(cfg.student, key.split(".")[1])
+        if path:
+            return read_start_weights(path, vit, abstract_params, key)
+    return None, vit
+
+
+def setup(cfg: Config, mesh, *, global_batch: int, steps: int, loss_groups: int | None = None) -> TrainingSetup:
+    """`steps` is the length the schedules are laid out over. Builds the models (initialised
+    directly into their shardings, or from the configured start weights), the optimizer, the
+    state and the jitted step for `mesh`. `loss_groups` overrides the per-device grouping of KoLeo
+    and Gram (one group per device by default, RECIPE.md §4.4)."""
+    student_vit = student_vit_config(cfg)
     dino_head, ibot_head = head_configs(cfg)
 
     def build(vit, seed):
         return SSLModel(vit, dino_head, ibot_head, rngs=nnx.Rngs(seed))
 
+    abstract_params = nnx.state(nnx.eval_shape(lambda: build(student_vit, 0)), nnx.Param).to_pure_dict()
+    # Read (and check) every file before anything compiles.
+    start, student_vit = start_weights(cfg, student_vit, abstract_params)
+    teacher_vit = student_vit.replace(drop_path_rate=0.0)
+    gram_weights = None
+    if uses_gram_teacher(cfg) and cfg.gram.ckpt not in NO_PATH:
+        gram_weights, gram_vit = read_start_weights(
+            cfg.gram.ckpt, teacher_vit, {"backbone": abstract_params["backbone"]}, "gram.ckpt"
+        )
+    elif uses_gram_teacher(cfg):
+        if cfg.gram.it_load_ema_teacher < 0 and not cfg.train.continue_from:
+            raise ConfigError(
+                "gram.use_loss: the Gram teacher has no weights: set gram.ckpt=PATH (a previous stage's run "
+                "folder or a backbone file), gram.it_load_ema_teacher=STEP, or gram.ema_teacher=true"
+            )
+        gram_vit = teacher_vit  # a copy of the starting teacher until it_load_ema_teacher
+
     student_def = nnx.graphdef(nnx.eval_shape(lambda: build(student_vit, 0)))
     teacher_abstract = nnx.eval_shape(lambda: build(teacher_vit, 0))
     teacher_def = nnx.graphdef(teacher_abstract)
     axes = parallel.logical_axes(teacher_abstract)
-    abstract_params = nnx.state(teacher_abstract, nnx.Param).to_pure_dict()
     param_sh = parallel.param_shardings(axes, abstract_params, mesh)
 
     def init_params(seed):
         return nnx.state(build(student_vit, seed), nnx.Param).to_pure_dict()
 
     params = jax.jit(init_params, static_argnums=0, out_shardings=param_sh)(cfg.train.seed)
+    if start is not None:  # the given sub-modules replace the random ones (fresh heads for a bare backbone)
+        params = {**params, **place_like(start, {k: params[k] for k in start})}
     tx = optimizer_from_config(cfg, params)
     repl = parallel.replicated(mesh)
     k_dino, k_ibot = cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes
@@ -226,17 +304,37 @@ def setup(cfg: Config, mesh, *, global_batch: int, steps: int, koleo_groups: int
         "nan_total": jnp.zeros((), jnp.int32),
         "key": jax.random.key_data(jax.random.key(cfg.train.seed)),
     }
+    gram_def = None
+    if uses_gram_teacher(cfg):
+        # A frozen backbone sharded like the teacher's (no optimizer state, paper §4.2).
+        gram_def = nnx.graphdef(nnx.eval_shape(lambda: DinoVisionTransformer(gram_vit, rngs=nnx.Rngs(0))))
+        backbone = params["backbone"]
+        state["gram_teacher"] = (
+            place_like(gram_weights["backbone"], backbone) if gram_weights else jax.tree.map(jnp.copy, backbone)
+        )
     # Parameters and Adam moments keep their FSDP shardings; everything else is replicated.
     placed = lambda x: x.sharding if getattr(x.sharding, "mesh", None) == mesh else repl  # noqa: E731
     state = jax.device_put(state, jax.tree.map(placed, state))
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    lc = loss_config(cfg, koleo_groups or mesh.size)
+    lc = loss_config(cfg, mesh.size, global_batch)
+    if loss_groups:
+        lc = dataclasses.replace(
+            lc, koleo_groups=loss_groups, gram=lc.gram and dataclasses.replace(lc.gram, groups=loss_groups)
+        )
     step_fn = jax.jit(
-        make_train_step(student_def, teacher_def, tx, lc),
+        make_train_step(student_def, teacher_def, tx, lc, gram_def),
         in_shardings=(state_sh, None, repl),
         out_shardings=(state_sh, repl),
         donate_argnums=0,
     )
+    copy_teacher_to_gram = None
+    if gram_def is not None:
+        copy_teacher_to_gram = jax.jit(
+            lambda st: {**st, "gram_teacher": jax.tree.map(jnp.copy, st["teacher"]["backbone"])},
+            in_shardings=(state_sh,),
+            out_shardings=state_sh,
+            donate_argnums=0,
+        )
     return TrainingSetup(
         mesh=mesh,
         state=state,
@@ -247,6 +345,7 @@ def setup(cfg: Config, mesh, *, global_batch: int, steps: int, koleo_groups: int
         teacher_def=teacher_def,
         init_params=init_params,
         loss_config=lc,
+        copy_teacher_to_gram=copy_teacher_to_gram,
     )
 
 
@@ -284,24 +383,39 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
     run = setup(cfg, mesh, global_batch=batch, steps=schedule_steps(cfg))
     state, step_fn, schedules, teacher_def = run.state, run.step_fn, run.schedules, run.teacher_def
 
+    # ------------------------------------------------------------------ Restore (this run, or the run it continues)
+    ckpt = Checkpointer(
+        out / "checkpoints", max_to_keep=cfg.checkpointing.max_to_keep, keep_every=cfg.checkpointing.keep_every
+    )
+    start = ckpt.latest_step() or 0
+    data_state = None
+    if start:
+        state, data_state = ckpt.restore(start, state)
+        print(f"resumed from {out / 'checkpoints'} at step {start}")
+    elif cfg.train.continue_from:
+        state, start, new_keys = restore_run_state(cfg.train.continue_from, state, "train.continue_from")
+        if "gram_teacher" in new_keys and cfg.gram.ckpt in NO_PATH:
+            state = run.copy_teacher_to_gram(state)  # the continued teacher, not the random one
+        print(f"continuing {cfg.train.continue_from} from its step {start}")
+
     # ------------------------------------------------------------------ Data
     source = make_source(cfg.data.source, cfg.data.path, split="train", **_source_kwargs(cfg, cfg.data.num_samples))
-    ckpt = Checkpointer(out / "checkpoints", max_to_keep=cfg.checkpointing.max_to_keep)
-    start = ckpt.latest_step() or 0
+    crops = cfg.crops if uses_gram_teacher(cfg) else dataclasses.replace(cfg.crops, gram_teacher_crops_size=None)
     pipeline = build_train_pipeline(
         source,
         cfg=cfg,
+        crops=crops,
         per_host_batch=host_batch,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        # A continued run's stream starts where that run's stopped (batch t depends only on t).
+        start_step=start if data_state is None else 0,
+        inverted_blur_probabilities=cfg.compat.inverted_blur_probabilities,
     )
     iterator = iter(pipeline)
-
-    # ------------------------------------------------------------------ Restore
-    if start:
-        state, data_state = ckpt.restore(start, state)
+    if data_state is not None:
         iterator.set_state(data_state)
-        print(f"resumed from {out / 'checkpoints'} at step {start}")
+    gram_copies = gram_teacher_copies(cfg.gram, steps) if uses_gram_teacher(cfg) else frozenset()
 
     # ------------------------------------------------------------------ Evaluation
     evaluator = None
@@ -334,6 +448,8 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
     skipped_images = 0
     end = min(steps, stop_at) if stop_at is not None else steps
     for step in range(start, end):
+        if step in gram_copies:  # the Gram teacher becomes the current EMA teacher (paper §4.2)
+            state = run.copy_teacher_to_gram(state)
         host = next(iterator)
         skipped_images += int(host.get("n_skipped", 0))
         device_batch = parallel.host_to_global(to_sample_major(host, local_devices, host_offset), mesh, PER_SAMPLE_KEYS)
@@ -350,12 +466,20 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
                     f"updates were skipped ({total_bad} skipped in all). Lower optim.lr or check the data."
                 )
             bar.set_postfix(
-                {k: f"{float(metrics[k]):.3f}" for k in ("loss", "dino_local", "dino_global", "ibot", "koleo")}
+                {
+                    k: f"{float(metrics[k]):.3f}"
+                    for k in ("loss", "dino_local", "dino_global", "ibot", "koleo", "gram")
+                    if k in metrics
+                }
             )
             if writer:
                 writer.write(done, dict(metrics) | {"skipped_steps": total_bad, "skipped_images": skipped_images})
         if cfg.checkpointing.period and done % cfg.checkpointing.period == 0 and done < end:
             ckpt.save(done, state, iterator.get_state(), resolved)
+        if done % cfg.evaluation.eval_period_iterations == 0 and done < steps:
+            backbone = teacher_backbone(state)  # a collective on multi-host FSDP: every process gathers
+            if jax.process_index() == 0:
+                save_backbone(backbone, out / "eval" / f"training_{done}" / "teacher_backbone.safetensors")
         if evaluator and cfg.runtime.knn_every_steps and done % cfg.runtime.knn_every_steps == 0 and done < steps:
             knn = evaluate(done, teacher_backbone(state))
             bar.write(
@@ -377,8 +501,6 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
 
     # ------------------------------------------------------------------ Export
     backbone = teacher_backbone(state)
-    from dinov3_jax.weights import save_backbone
-
     export = out / "teacher_backbone.safetensors"
     if jax.process_index() == 0:
         save_backbone(backbone, export)

@@ -75,6 +75,7 @@ def leaf_labels(
     n_blocks: int,
     layerwise_decay: float,
     patch_embed_lr_mult: float,
+    dino_head_wd_mult: float = 1.0,
 ) -> tuple[float, float, bool]:
     """(lr_mult, wd_mult, is_last_layer) of the parameter `name` (dotted, relative to the
     student sub-module `submodule`)."""
@@ -91,10 +92,13 @@ def leaf_labels(
         if "patch_embed" in name:
             lr_mult *= patch_embed_lr_mult
     no_decay = name.endswith("bias") or "norm" in name or "gamma" in name
-    return lr_mult, 0.0 if no_decay else 1.0, "last_layer" in name
+    wd_mult = 0.0 if no_decay else (dino_head_wd_mult if submodule == "dino_head" else 1.0)
+    return lr_mult, wd_mult, "last_layer" in name
 
 
-def _labels_flat(params: PyTree, n_blocks: int, layerwise_decay: float, patch_embed_lr_mult: float):
+def _labels_flat(
+    params: PyTree, n_blocks: int, layerwise_decay: float, patch_embed_lr_mult: float, dino_head_wd_mult: float = 1.0
+):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     labels = []
     for path, _ in leaves:
@@ -106,6 +110,7 @@ def _labels_flat(params: PyTree, n_blocks: int, layerwise_decay: float, patch_em
                 n_blocks=n_blocks,
                 layerwise_decay=layerwise_decay,
                 patch_embed_lr_mult=patch_embed_lr_mult,
+                dino_head_wd_mult=dino_head_wd_mult,
             )
         )
     return labels, treedef
@@ -161,11 +166,12 @@ def make_optimizer(
     clip_grad: float | None = 3.0,
     layerwise_decay: float = 0.9,
     patch_embed_lr_mult: float = 0.2,
+    dino_head_wd_mult: float = 1.0,
     eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
-    """DINOv3 AdamW. `update(grads, state, params, *, lr, wd, last_layer_lr)` returns updates to
-    add to the parameters (`optax.apply_updates`); lr, wd and last_layer_lr are this step's
-    schedule values (scalars, traced). `params` fixes the number of backbone blocks for the
+    """DINOv3 AdamW. `update(grads, state, params, *, lr, wd, last_layer_lr, backbone_lr_scale=1)`
+    returns updates to add to the parameters (`optax.apply_updates`); lr, wd, last_layer_lr and
+    the backbone's lr factor are this step's schedule values (scalars, traced). `params` fixes the number of backbone blocks for the
     layer-wise decay; the labels themselves are re-derived from the paths of each call's tree, so
     `nnx.State` trees and pure nested dicts both work. `clip_grad` None or 0 disables clipping.
     """
@@ -175,19 +181,23 @@ def make_optimizer(
     def init(params: PyTree) -> DinoAdamWState:
         return DinoAdamWState(adam=adam.init(params))
 
-    def update(grads, state, params=None, *, lr, wd, last_layer_lr, **unused):
+    def update(grads, state, params=None, *, lr, wd, last_layer_lr, backbone_lr_scale=1.0, **unused):
         del unused
         if params is None:
             raise ValueError("the DINOv3 AdamW update needs `params` (decoupled weight decay)")
         if clip_grad:
             grads, _ = clip_by_submodule(grads, clip_grad)
         adam_updates, adam_state = adam.update(grads, state.adam, params)
-        labels, treedef = _labels_flat(params, n_blocks, layerwise_decay, patch_embed_lr_mult)
-        p_leaves = treedef.flatten_up_to(params)
+        labels, treedef = _labels_flat(params, n_blocks, layerwise_decay, patch_embed_lr_mult, dino_head_wd_mult)
+        paths_and_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        in_backbone = [path_names(path)[:1] == ["backbone"] for path, _ in paths_and_leaves]
+        p_leaves = [leaf for _, leaf in paths_and_leaves]
         u_leaves = treedef.flatten_up_to(adam_updates)
         out = []
-        for u, p, (lm, wm, last) in zip(u_leaves, p_leaves, labels):
+        for u, p, (lm, wm, last), backbone in zip(u_leaves, p_leaves, labels, in_backbone):
             lr_g = (last_layer_lr if last else lr) * lm
+            if backbone:  # 0 while the backbone is frozen (optim.freeze_backbone_epochs): no step, no decay
+                lr_g = lr_g * backbone_lr_scale
             step = u + (wd * wm) * p if wm else u
             out.append((-lr_g * step).astype(p.dtype))
         return jax.tree_util.tree_unflatten(treedef, out), DinoAdamWState(adam=adam_state)
@@ -197,7 +207,8 @@ def make_optimizer(
 
 def optimizer_from_config(cfg: Any, params: PyTree) -> optax.GradientTransformationExtraArgs:
     """`make_optimizer` with the official `optim.*` keys (adamw_beta1/2, clip_grad,
-    layerwise_decay, patch_embed_lr_mult)."""
+    layerwise_decay, patch_embed_lr_mult, and dino_head_wd_multiplier unless
+    compat.dino_head_wd_multiplier_never_applies reproduces the official no-op)."""
     optim = cfg.optim
     return make_optimizer(
         params=params,
@@ -206,4 +217,5 @@ def optimizer_from_config(cfg: Any, params: PyTree) -> optax.GradientTransformat
         clip_grad=getattr(optim, "clip_grad", 3.0),
         layerwise_decay=float(getattr(optim, "layerwise_decay", 0.9)),
         patch_embed_lr_mult=float(getattr(optim, "patch_embed_lr_mult", 0.2)),
+        dino_head_wd_mult=1.0 if cfg.compat.dino_head_wd_multiplier_never_applies else optim.dino_head_wd_multiplier,
     )

@@ -89,7 +89,16 @@ def scale_lr(lr: float, rule: str | None, global_batch: int) -> float:
 # The set of schedules read by the trainer
 # ---------------------------------------------------------------------------------------------
 
-KEYS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr", "dino_local_weight", "gram_weight")
+KEYS = (
+    "lr",
+    "wd",
+    "momentum",
+    "teacher_temp",
+    "last_layer_lr",
+    "dino_local_weight",
+    "gram_weight",
+    "backbone_lr_scale",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +149,7 @@ def v1_schedules(
     warmup_teacher_temp_epochs: float,
     dino_local_weight: np.ndarray | None = None,
     gram_weight: np.ndarray | float = 1.0,
+    freeze_backbone_iters: int = 0,
 ) -> Schedules:
     """The v1 (CosineScheduler) set. `lr` is the peak *after* the scaling rule; `min_lr` is not
     scaled. Epoch counts are converted to iterations with `epoch_length`."""
@@ -163,7 +173,7 @@ def v1_schedules(
         "teacher_temp": teacher_temp,
         "last_layer_lr": min_lr,
     }
-    _add_loss_weights(arrays, final, total_steps, dino_local_weight, gram_weight)
+    _add_loss_weights(arrays, final, total_steps, dino_local_weight, gram_weight, freeze_backbone_iters)
     return Schedules(arrays, final)
 
 
@@ -177,6 +187,7 @@ def v2_schedules(
     teacher_temp: dict,
     dino_local_weight: np.ndarray | None = None,
     gram_weight: np.ndarray | float = 1.0,
+    freeze_backbone_iters: int = 0,
 ) -> Schedules:
     """The v2 set. Each argument is a dict with `start, peak, end, warmup_epochs` and optional
     `cosine_epochs`; `lr` also takes `freeze_last_layer_epochs`. The lr `peak` and `end` must
@@ -197,7 +208,7 @@ def v2_schedules(
         "last_layer_lr": last,
     }
     final = {k: _tail(a, 0.0) for k, a in arrays.items()}
-    _add_loss_weights(arrays, final, total_steps, dino_local_weight, gram_weight)
+    _add_loss_weights(arrays, final, total_steps, dino_local_weight, gram_weight, freeze_backbone_iters)
     return Schedules(arrays, final)
 
 
@@ -215,8 +226,15 @@ def v2_from_spec(spec: Any, total_steps: int, epoch_length: int) -> np.ndarray:
     )
 
 
-def _add_loss_weights(arrays, final, total_steps, dino_local_weight, gram_weight) -> None:
-    for key, value, default in (("dino_local_weight", dino_local_weight, 1.0), ("gram_weight", gram_weight, 1.0)):
+def _add_loss_weights(arrays, final, total_steps, dino_local_weight, gram_weight, freeze_backbone_iters) -> None:
+    # The backbone's lr factor: 0 during the head warm-up of continued pretraining, then 1.
+    backbone = np.ones(total_steps, np.float64)
+    backbone[:freeze_backbone_iters] = 0.0
+    for key, value, default in (
+        ("dino_local_weight", dino_local_weight, 1.0),
+        ("gram_weight", gram_weight, 1.0),
+        ("backbone_lr_scale", backbone, 1.0),
+    ):
         if value is None:
             value = default
         if np.ndim(value) == 0:
@@ -253,7 +271,8 @@ def build_schedules(cfg: Any, total_steps: int, global_batch: int) -> Schedules:
     v1 otherwise (only `optim.lr` is scaled). The epoch length is
     `cfg.train.OFFICIAL_EPOCH_LENGTH`. The DINO local-crop weight follows
     `dino.local_loss_weight_schedule` when `dino.reweight_dino_local_loss`, else 1; the Gram
-    weight follows `gram.loss_weight_schedule` when set, else the constant `gram.loss_weight`.
+    weight follows `gram.loss_weight_schedule` when set, else the constant `gram.loss_weight`. The
+    backbone's lr factor is 0 for the first `optim.freeze_backbone_epochs`, then 1.
     """
     optim, teacher, train = _get(cfg, "optim"), _get(cfg, "teacher"), _get(cfg, "train")
     e = int(_get(train, "OFFICIAL_EPOCH_LENGTH"))
@@ -267,6 +286,8 @@ def build_schedules(cfg: Any, total_steps: int, global_batch: int) -> Schedules:
     if gram is not None:
         spec = _get(gram, "loss_weight_schedule", None)
         gram_w = v2_from_spec(spec, total_steps, e) if spec is not None else float(_get(gram, "loss_weight", 1.0))
+
+    freeze_backbone = int(float(_get(optim, "freeze_backbone_epochs", 0) or 0) * e)
 
     sched = _get(cfg, "schedules", None)
     if sched is not None:
@@ -282,6 +303,7 @@ def build_schedules(cfg: Any, total_steps: int, global_batch: int) -> Schedules:
             teacher_temp=_as_dict(_get(sched, "teacher_temp")),
             dino_local_weight=local_w,
             gram_weight=gram_w,
+            freeze_backbone_iters=freeze_backbone,
         )
 
     if float(_get(optim, "schedule_trunc_extra", 0.0) or 0.0) > 0:
@@ -302,6 +324,7 @@ def build_schedules(cfg: Any, total_steps: int, global_batch: int) -> Schedules:
         warmup_teacher_temp_epochs=float(_get(teacher, "warmup_teacher_temp_epochs")),
         dino_local_weight=local_w,
         gram_weight=gram_w,
+        freeze_backbone_iters=freeze_backbone,
     )
 
 
@@ -311,3 +334,22 @@ def _as_dict(spec: Any) -> dict:
     if dataclasses.is_dataclass(spec):
         return dataclasses.asdict(spec)
     return {k: getattr(spec, k) for k in vars(spec)}
+
+
+def gram_teacher_copies(gram: Any, total_steps: int) -> frozenset[int]:
+    """The iterations before which the Gram teacher becomes a copy of the EMA teacher (RECIPE.md
+    §4.5): `gram.it_load_ema_teacher` (when ≥ 0), and with `gram.rep_update` the refreshes after
+    each iteration `it` with `(it + 1) ≥ it_first_update` and `(it + 1) % update_frequency == 0`,
+    at most `max_updates` of them (None = no limit). A refresh after iteration `it` is the copy
+    before iteration `it + 1`. A pure function of the config, so a resumed run repeats it exactly."""
+    copies = set()
+    if gram.it_load_ema_teacher >= 0:
+        copies.add(int(gram.it_load_ema_teacher))
+    if gram.rep_update:
+        first = max(int(gram.it_first_update), 1)
+        start = -(-first // gram.update_frequency) * gram.update_frequency  # first multiple ≥ first
+        refreshes = range(start, total_steps, gram.update_frequency)
+        if gram.max_updates is not None:
+            refreshes = refreshes[: gram.max_updates]
+        copies.update(refreshes)
+    return frozenset(c for c in copies if c < total_steps)

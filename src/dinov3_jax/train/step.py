@@ -2,13 +2,18 @@
 
 `train_step(state, batch, sched) -> (state, metrics)`:
 1. teacher (EMA, eval mode, unmasked global crops) → DINO and iBOT head logits → centred targets;
+   with Gram anchoring (paper §4), the frozen Gram teacher's patch features of the same crops
+   (optionally at a higher resolution), resized to the student's patch grid;
 2. student (drop path, RoPE augmentation, masked global crops, then local crops) → head logits;
-3. DINO (local→global and cross-global), iBOT (masked patches) and KoLeo (per device group);
+3. DINO (local→global and cross-global), iBOT (masked patches), KoLeo (per device group, or per
+   group of `koleo_distributed_loss_group_size` samples) and Gram (per device group);
 4. AdamW with parameter groups, then the EMA `teacher ← m·teacher + (1−m)·student`;
 5. a NaN guard: a non-finite loss or gradient leaves the state unchanged and counts the streak.
 
 State and batch are plain pytrees; the NNX graph definitions are static closures, so the step is
-jitted once with explicit shardings and a donated state.
+jitted once per batch shape (one crop-size pair) with explicit shardings and a donated state. The
+Gram branch is there or not by the static `LossConfig.gram`, never by a traced value; the Gram
+teacher's refresh from the EMA teacher is a separate copy the trainer makes between steps.
 """
 
 from __future__ import annotations
@@ -22,7 +27,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dinov3_jax.losses import dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp, softmax_center, update_center
+from dinov3_jax.losses import (
+    dino_loss,
+    gram_loss,
+    ibot_loss,
+    koleo_loss,
+    resize_patch_features,
+    sinkhorn_knopp,
+    softmax_center,
+    update_center,
+)
 from dinov3_jax.models.config import ViTConfig
 from dinov3_jax.models.heads import DINOHead
 from dinov3_jax.models.vit import DinoVisionTransformer
@@ -68,6 +82,25 @@ class SSLModel(nnx.Module):
 
 
 @dataclasses.dataclass(frozen=True)
+class GramConfig:
+    """Static Gram-anchoring settings (`gram.*`, RECIPE.md §4.5)."""
+
+    normalized: bool = True
+    img_level: bool = False
+    remove_neg: bool = False
+    remove_only_teacher_neg: bool = False
+    # compat.gram_remove_only_teacher_neg_as_official: the student is never masked in that mode.
+    teacher_neg_as_official: bool = True
+    tokens_used: str = "all"
+    resize_method: str = "bicubic"
+    resize_antialias: bool = False
+    # The EMA teacher's patch features are the targets (no separate Gram teacher).
+    ema_teacher: bool = False
+    # Gram matrices per group of consecutive images, one group per device (the official per-rank loss).
+    groups: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class LossConfig:
     """Static loss settings (RECIPE.md §4.6)."""
 
@@ -81,8 +114,11 @@ class LossConfig:
     centering: str = "sinkhorn_knopp"
     center_momentum: float = 0.9
     # KoLeo nearest neighbours are searched within groups of consecutive samples, one group per
-    # device, as the official per-rank loss does (RECIPE.md §4.4).
+    # device, as the official per-rank loss does (RECIPE.md §4.4), or of
+    # dino.koleo_distributed_loss_group_size samples (distributed KoLeo).
     koleo_groups: int = 1
+    # Gram anchoring; None = no Gram loss.
+    gram: GramConfig | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,18 +134,21 @@ def to_sample_major(batch: dict[str, np.ndarray], n_devices_local: int, host_off
     g, loc, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
     b = g.shape[0] // 2
     n = masks.shape[1]
+    sample_major = lambda x: x.reshape(x.shape[0] // b, b, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
     out = {
-        "global_crops": g.reshape(2, b, *g.shape[1:]).swapaxes(0, 1),
-        "local_crops": loc.reshape(loc.shape[0] // b, b, *loc.shape[1:]).swapaxes(0, 1),
-        "masks": masks.reshape(2, b, n).swapaxes(0, 1),
+        "global_crops": sample_major(g),
+        "local_crops": sample_major(loc),
+        "masks": sample_major(masks),
         "labels": batch["labels"],
     }
+    if "gram_teacher_crops" in batch:
+        out["gram_teacher_crops"] = sample_major(batch["gram_teacher_crops"])
     idx = batch["mask_indices"].astype(np.int64)
     crop, image, patch = idx // (b * n), (idx // n) % b, idx % n
-    sample_major = (host_offset_images + image) * 2 * n + crop * n + patch
+    flat_index = (host_offset_images + image) * 2 * n + crop * n + patch
     weights = batch["mask_weights"].astype(np.float32)
     pad = (-len(idx)) % n_devices_local
-    out["mask_indices"] = np.concatenate([np.where(weights > 0, sample_major, 0), np.zeros(pad, np.int64)]).astype(
+    out["mask_indices"] = np.concatenate([np.where(weights > 0, flat_index, 0), np.zeros(pad, np.int64)]).astype(
         np.int32
     )
     out["mask_weights"] = np.concatenate([weights, np.zeros(pad, np.float32)])
@@ -128,13 +167,14 @@ def _crops_first(x_bck: Array, b: int) -> Array:
 
 def teacher_targets(teacher: SSLModel, batch: dict, temp: Array, centers: dict, lc: LossConfig):
     """Centred teacher probabilities: DINO [2, B, K] for the global crops, iBOT [M, K] for the
-    masked patches; and the logits' statistics for the softmax-centering update."""
+    masked patches; the centres after the softmax-centering update; and the teacher's patch
+    features [2B, P, D] (the Gram targets when `gram.ema_teacher`)."""
     g = batch["global_crops"]
     b = g.shape[0]
     out = teacher.backbone.forward_features(g.reshape(b * 2, *g.shape[2:]))
     cls_logits = teacher.dino_head(out["x_norm_clstoken"]).astype(jnp.float32)
-    patches = out["x_norm_patchtokens"]
-    patches = patches.reshape(-1, patches.shape[-1])[batch["mask_indices"]]
+    all_patches = out["x_norm_patchtokens"]
+    patches = all_patches.reshape(-1, all_patches.shape[-1])[batch["mask_indices"]]
     patch_logits = teacher.ibot_head(patches).astype(jnp.float32)
     valid = (batch["mask_weights"] > 0).astype(jnp.float32)
     if lc.centering == "sinkhorn_knopp":
@@ -148,10 +188,35 @@ def teacher_targets(teacher: SSLModel, batch: dict, temp: Array, centers: dict, 
             "dino": update_center(centers["dino"], cls_logits, lc.center_momentum),
             "ibot": update_center(centers["ibot"], patch_logits, lc.center_momentum, weights=valid),
         }
-    return jax.lax.stop_gradient((_crops_first(dino_t, b), ibot_t)), new_centers
+    targets = jax.lax.stop_gradient((_crops_first(dino_t, b), ibot_t))
+    return targets, new_centers, jax.lax.stop_gradient(all_patches)
 
 
-def student_losses(student: SSLModel, batch: dict, targets, key: Array, local_weight: Array, lc: LossConfig):
+def gram_targets(gram_teacher: DinoVisionTransformer, batch: dict, grid: tuple[int, int], gc: GramConfig) -> Array:
+    """The Gram teacher's patch features [2B, h·w, D] of the global crops (or of the Gram-teacher
+    crops, the same views at a higher resolution), resized to the student's patch grid `grid`."""
+    crops = batch.get("gram_teacher_crops", batch["global_crops"])
+    b = crops.shape[0]
+    out = gram_teacher.forward_features(crops.reshape(b * 2, *crops.shape[2:]))
+    patches = out["x_norm_patchtokens"]
+    return jax.lax.stop_gradient(resize_to_grid(patches, crops.shape[2:4], gram_teacher.config.patch_size, grid, gc))
+
+
+def resize_to_grid(patches: Array, image_hw, patch: int, grid: tuple[int, int], gc: GramConfig) -> Array:
+    """[N, h_T·w_T, D] patch features of images of size `image_hw` → [N, h·w, D] on `grid`."""
+    src = (image_hw[0] // patch, image_hw[1] // patch)
+    if src == tuple(grid):
+        return patches
+    x = patches.reshape(patches.shape[0], *src, patches.shape[-1])
+    x = resize_patch_features(x, tuple(grid), method=gc.resize_method, antialias=gc.resize_antialias)
+    return x.reshape(patches.shape[0], grid[0] * grid[1], -1)
+
+
+def student_losses(
+    student: SSLModel, batch: dict, targets, gram_t: Array | None, key: Array, weights: dict, lc: LossConfig
+):
+    """The total loss and its terms. `gram_t` [2B, P, D]: the Gram targets (None without Gram);
+    `weights`: this step's `dino_local_weight` and `gram_weight`."""
     dino_t, ibot_t = targets
     g, loc = batch["global_crops"], batch["local_crops"]
     b, n_local = g.shape[0], loc.shape[1]
@@ -182,11 +247,30 @@ def student_losses(student: SSLModel, batch: dict, targets, key: Array, local_we
     scale_global = terms_global / (terms_global + terms_local)
     scale_local = terms_local / (terms_global + terms_local)
     total = (
-        lc.dino_weight * (scale_local * local_weight * dino_local + scale_global * dino_global)
+        lc.dino_weight * (scale_local * weights["dino_local_weight"] * dino_local + scale_global * dino_global)
         + lc.koleo_weight * 2 * koleo
         + lc.ibot_weight * ibot
     )
     metrics = {"dino_local": dino_local, "dino_global": dino_global, "ibot": ibot, "koleo": koleo}
+    if lc.gram is not None:
+        gc = lc.gram
+        groups = lambda x: x.reshape(gc.groups, -1, *x.shape[1:])  # noqa: E731 (consecutive images per device)
+        token_mask = None
+        if gc.tokens_used != "all":
+            masked = masks.astype(bool)
+            token_mask = groups(masked if gc.tokens_used == "masked" else ~masked)
+        gram = gram_loss(
+            groups(patches),
+            groups(gram_t),
+            normalized=gc.normalized,
+            img_level=gc.img_level,
+            remove_neg=gc.remove_neg,
+            remove_only_teacher_neg=gc.remove_only_teacher_neg,
+            teacher_neg_as_official=gc.teacher_neg_as_official,
+            token_mask=token_mask,
+        )
+        total = total + weights["gram_weight"] * gram
+        metrics["gram"] = gram
     return total, metrics
 
 
@@ -200,20 +284,33 @@ def all_finite(tree: PyTree) -> Array:
 
 
 def make_train_step(
-    student_def: nnx.GraphDef, teacher_def: nnx.GraphDef, tx: optax.GradientTransformation, lc: LossConfig
+    student_def: nnx.GraphDef,
+    teacher_def: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lc: LossConfig,
+    gram_def: nnx.GraphDef | None = None,
 ):
     """The pure step. `state` = {student, teacher, opt_state, centers, step, nan_streak,
-    nan_worst_streak, nan_total, key}; `sched` = this step's schedule values (lr, wd, momentum, teacher_temp, last_layer_lr,
-    dino_local_weight) as scalars, so changing them never recompiles."""
+    nan_worst_streak, nan_total, key} and, with a separate Gram teacher, `gram_teacher` (the
+    parameters of the backbone `gram_def`, never updated here); `sched` = this step's schedule values (lr, wd, momentum,
+    teacher_temp, last_layer_lr, backbone_lr_scale, dino_local_weight, gram_weight) as scalars, so
+    changing them never recompiles."""
 
     def train_step(state: dict, batch: dict, sched: dict) -> tuple[dict, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
         teacher = nnx.merge(teacher_def, nnx.State(state["teacher"]))
-        targets, centers = teacher_targets(teacher, batch, sched["teacher_temp"], state["centers"], lc)
+        targets, centers, teacher_patches = teacher_targets(teacher, batch, sched["teacher_temp"], state["centers"], lc)
+        gram_t = None
+        if lc.gram is not None and lc.gram.ema_teacher:
+            gram_t = teacher_patches
+        elif lc.gram is not None:
+            g, patch = batch["global_crops"], teacher.backbone.config.patch_size
+            gram_backbone = nnx.merge(gram_def, nnx.State(state["gram_teacher"]))
+            gram_t = gram_targets(gram_backbone, batch, (g.shape[2] // patch, g.shape[3] // patch), lc.gram)
 
         def loss_fn(params):
             student = nnx.merge(student_def, nnx.State(params))
-            return student_losses(student, batch, targets, key, sched["dino_local_weight"], lc)
+            return student_losses(student, batch, targets, gram_t, key, sched, lc)
 
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["student"])
         updates, opt_state = tx.update(
@@ -223,6 +320,7 @@ def make_train_step(
             lr=sched["lr"],
             wd=sched["wd"],
             last_layer_lr=sched["last_layer_lr"],
+            backbone_lr_scale=sched["backbone_lr_scale"],
         )
         student = optax.apply_updates(state["student"], updates)
         m = sched["momentum"]
@@ -232,6 +330,7 @@ def make_train_step(
         streak = jnp.where(finite, 0, state["nan_streak"] + 1)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = {
+            **state,  # the Gram teacher (if any) passes through unchanged
             "student": keep(student, state["student"]),
             "teacher": keep(teacher_params, state["teacher"]),
             "opt_state": keep(opt_state, state["opt_state"]),
