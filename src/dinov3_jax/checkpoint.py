@@ -47,31 +47,37 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, data_state: Any, config_yaml: str) -> None:
+    def save(self, step: int, state: dict, data_state: Any, config_yaml: str, data_start_step: int = 0) -> None:
+        """`data_start_step`: the batch the data stream of this run started at (a run that continues
+        another starts at that run's step), so a resume rebuilds the same stream."""
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave({f"process_{jax.process_index()}": _encode_iterator_state(data_state)}),
-                meta=ocp.args.JsonSave({"step": int(step), "config": config_yaml}),
+                meta=ocp.args.JsonSave(
+                    {"step": int(step), "config": config_yaml, "data_start_step": int(data_start_step)}
+                ),
             ),
             force=True,
         )
 
-    def restore(self, step: int, like_state: dict) -> tuple[dict, Any]:
+    def restore(self, step: int, like_state: dict) -> tuple[dict, Any, int]:
         """The state at `step`, placed like `like_state` (arrays or ShapeDtypeStructs with shardings),
-        and this host's data-iterator state."""
+        this host's data-iterator state, and the step its data stream started at."""
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like_state
         )
         restored = self.manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+            ),
         )
         # Only the primary process writes the JSON item. Every process's stream consumes the same
         # number of elements per step, so process 0's position is every process's position.
         data = restored.data.get(f"process_{jax.process_index()}", restored.data.get("process_0"))
-        return restored.state, _decode_iterator_state(data)
+        return restored.state, _decode_iterator_state(data), int(restored.meta.get("data_start_step", 0))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

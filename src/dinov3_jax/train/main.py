@@ -388,12 +388,13 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
         out / "checkpoints", max_to_keep=cfg.checkpointing.max_to_keep, keep_every=cfg.checkpointing.keep_every
     )
     start = ckpt.latest_step() or 0
-    data_state = None
+    data_state, data_start = None, 0
     if start:
-        state, data_state = ckpt.restore(start, state)
+        state, data_state, data_start = ckpt.restore(start, state)
         print(f"resumed from {out / 'checkpoints'} at step {start}")
     elif cfg.train.continue_from:
         state, start, new_keys = restore_run_state(cfg.train.continue_from, state, "train.continue_from")
+        data_start = start
         if "gram_teacher" in new_keys and cfg.gram.ckpt in NO_PATH:
             state = run.copy_teacher_to_gram(state)  # the continued teacher, not the random one
         print(f"continuing {cfg.train.continue_from} from its step {start}")
@@ -409,7 +410,7 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         # A continued run's stream starts where that run's stopped (batch t depends only on t).
-        start_step=start if data_state is None else 0,
+        start_step=data_start,
         inverted_blur_probabilities=cfg.compat.inverted_blur_probabilities,
     )
     iterator = iter(pipeline)
@@ -475,7 +476,7 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
             if writer:
                 writer.write(done, dict(metrics) | {"skipped_steps": total_bad, "skipped_images": skipped_images})
         if cfg.checkpointing.period and done % cfg.checkpointing.period == 0 and done < end:
-            ckpt.save(done, state, iterator.get_state(), resolved)
+            ckpt.save(done, state, iterator.get_state(), resolved, data_start)
         if done % cfg.evaluation.eval_period_iterations == 0 and done < steps:
             backbone = teacher_backbone(state)  # a collective on multi-host FSDP: every process gathers
             if jax.process_index() == 0:
@@ -489,7 +490,7 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
         bar.update(1)
     bar.close()
     if start < end:
-        ckpt.save(end, state, iterator.get_state(), resolved)
+        ckpt.save(end, state, iterator.get_state(), resolved, data_start)
     ckpt.close()
     if skipped_images:
         print(f"{skipped_images} unreadable images were skipped (replaced by the next readable one)")

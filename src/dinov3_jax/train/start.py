@@ -36,30 +36,42 @@ def newest_checkpoint(run_dir: Path) -> tuple[ocp.CheckpointManager, int] | None
     directory = Path(run_dir).absolute() / "checkpoints"
     if not directory.is_dir():
         return None
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    )
     step = manager.latest_step()
     return None if step is None else (manager, step)
 
 
-def _restore_subtree(manager: ocp.CheckpointManager, step: int, key: str) -> dict:
-    """`state[key]` of a checkpoint as host NumPy arrays (any mesh it was written on)."""
-    tree = manager.item_metadata(step).state.tree
-    abstract = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[key])}
+def _restore_subtree(manager: ocp.CheckpointManager, step: int, key: str, like: dict) -> dict:
+    """`state[key]` of a checkpoint, structured like `like`, as host NumPy arrays (any mesh it was
+    written on)."""
+    abstract = {key: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
     args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
     return manager.restore(step, args=ocp.args.Composite(state=args)).state[key]
 
 
-def _check_tree(found: dict, expected: dict, what: str, source: str) -> None:
-    """Same keys and shapes, or a ConfigError listing every difference."""
-    flat_found = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(found)}
-    flat_expected = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """Dotted parameter names → shapes (checkpoint metadata spells list indices as strings)."""
+
+    def name(path) -> str:
+        return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+    return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_tree(found, expected, what: str, source: str) -> None:
+    """Same names and shapes, or a ConfigError listing every difference."""
+    flat_found, flat_expected = _shapes(found), _shapes(expected)
     problems = [f"missing {k}" for k in flat_expected if k not in flat_found]
     problems += [f"unexpected {k}" for k in flat_found if k not in flat_expected]
     problems += [
-        f"{k}: the run expects {flat_expected[k]}, the file has {tuple(flat_found[k])}"
+        f"{k}: the run expects {flat_expected[k]}, the file has {flat_found[k]}"
         for k in flat_expected
-        if k in flat_found and tuple(flat_found[k]) != tuple(flat_expected[k])
+        if k in flat_found and flat_found[k] != flat_expected[k]
     ]
     if problems:
         shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
@@ -77,10 +89,12 @@ def read_start_weights(path: str, vit: ViTConfig, expected: dict, what: str) -> 
     found = newest_checkpoint(p) if p.is_dir() else None
     if found is not None:
         manager, step = found
-        teacher = _restore_subtree(manager, step, "teacher")
+        saved = manager.item_metadata(step).state.tree["teacher"]
+        _check_tree(
+            {k: v for k, v in saved.items() if k in expected}, expected, what, f"{p} (teacher of checkpoint {step})"
+        )
+        teacher = _restore_subtree(manager, step, "teacher", expected)
         manager.close()
-        teacher = {k: v for k, v in teacher.items() if k in expected}
-        _check_tree(teacher, expected, what, f"{p} (teacher of checkpoint {step})")
         log.info("%s: the teacher of %s at step %d (backbone and heads)", what, p, step)
         return teacher, vit
     if p.is_dir() and (p / "teacher_backbone.safetensors").is_file():
