@@ -26,10 +26,13 @@ each export, and the initialisation, is measured on
   that run's teacher at `--gram-start`. This is what the Gram loss pulls towards zero (against
   the Gram teacher, which at `--refresh` moves to a later teacher).
 
+The `gram` run's exports before `--gram-start` are not measured again: its rows there are the
+`no_gram` ones (marked `shared` in the JSON; the smoke run measured both and got identical numbers).
+
 Prints a table and the differences (gram − no_gram), writes `<out>/gram_anchoring.json` and a
 PNG of the curves (drawn with Pillow; matplotlib is not a dependency of the project).
 
-    .venv/bin/python benchmarks/gram_anchoring.py                        # 800 steps, runs/gram_anchoring
+    .venv/bin/python benchmarks/gram_anchoring.py                        # 400 steps, runs/gram_anchoring
     .venv/bin/python benchmarks/gram_anchoring.py --steps 60 --epoch-length 10 --out runs/gram_smoke
 
 A run folder whose `result.json` exists and whose `config.yaml` matches is reused (only the
@@ -80,8 +83,8 @@ def run_configs(args) -> dict:
         "gram.use_loss=true",
         "gram.img_level=true",
         f"gram.it_load_ema_teacher={args.gram_start}",
-        "gram.loss_weight_schedule={start: 0, peak: 0, end: %g, warmup_epochs: %g, cosine_epochs: %g}"
-        % (args.gram_weight, args.gram_start / e, args.ramp / e),
+        f"gram.loss_weight_schedule={{start: 0, peak: 0, end: {args.gram_weight:g}, "
+        f"warmup_epochs: {args.gram_start / e:g}, cosine_epochs: {args.ramp / e:g}}}",
     ]
     if args.refresh:
         gram += [
@@ -222,8 +225,11 @@ def plot(path: Path, table: dict, marks: dict[str, int], title: str) -> None:
         if not values:
             continue
         lo, hi = min(values), max(values)
-        pad = max((hi - lo) * 0.1, 0.5 if key != "gram_drift" else 1e-4)
-        lo, hi = lo - pad, hi + pad
+        if key == "gram_drift":  # ≥ 0, from 0 at the Gram start
+            lo, hi = 0.0, max(hi, 1e-12) * 1.1
+        else:
+            pad = max((hi - lo) * 0.1, 0.5)
+            lo, hi = lo - pad, hi + pad
 
         def X(s, left=left, right=right):
             return left + (right - left) * (s - x0) / max(x1 - x0, 1)
@@ -237,7 +243,7 @@ def plot(path: Path, table: dict, marks: dict[str, int], title: str) -> None:
             y = Y(t)
             draw.line((left - 4, y, left, y), fill="black")
             draw.line((left + 1, y, right - 1, y), fill=(235, 235, 235))
-            text = f"{t:.4f}" if key == "gram_drift" else f"{t:.1f}"
+            text = f"{t:.2g}" if key == "gram_drift" else f"{t:.1f}"
             draw.text((left - 6, y), text, fill="black", font=small, anchor="rm")
         for s in steps_all:
             draw.line((X(s), bottom, X(s), bottom + 4), fill="black")
@@ -258,7 +264,9 @@ def plot(path: Path, table: dict, marks: dict[str, int], title: str) -> None:
     for j, run in enumerate(RUNS):
         y = 14 + 18 * j
         draw.line((lx, y + 7, lx + 24, y + 7), fill=colours[run], width=3)
-        draw.text((lx + 30, y), {"no_gram": "no Gram", "gram": "Gram anchoring from the mark"}[run], fill="black", font=font)
+        draw.text(
+            (lx + 30, y), {"no_gram": "no Gram", "gram": "Gram anchoring from the mark"}[run], fill="black", font=font
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
@@ -268,9 +276,11 @@ def plot(path: Path, table: dict, marks: dict[str, int], title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=800, help="training steps of each run (the budget)")
+    parser.add_argument("--steps", type=int, default=400, help="training steps of each run (the budget)")
     parser.add_argument("--epoch-length", type=int, default=100, help="steps per schedule 'epoch'")
-    parser.add_argument("--gram-start", type=int, help="Gram teacher = EMA teacher and Gram weight on (default: steps/2)")
+    parser.add_argument(
+        "--gram-start", type=int, help="Gram teacher = EMA teacher and Gram weight on (default: steps/2)"
+    )
     parser.add_argument("--refresh", type=int, help="one refresh of the Gram teacher (default: 3/4 of steps; 0 = none)")
     parser.add_argument("--gram-weight", type=float, default=2.0, help="Gram weight after the ramp (official 2.0)")
     parser.add_argument("--ramp", type=int, help="steps of the cosine ramp of the Gram weight (default: steps/80)")
@@ -281,8 +291,18 @@ def main() -> None:
     parser.add_argument("--seg-lr", type=float, default=1e-2)
     parser.add_argument("--out", default="runs/gram_anchoring", help="folder of the two runs and the JSON")
     parser.add_argument("--png", help="the plot (default: <out>/gram_anchoring.png)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from <out>/gram_anchoring.json")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides (both runs)")
     args = parser.parse_args()
+    if args.plot_only:
+        saved = json.loads((Path(args.out) / "gram_anchoring.json").read_text())
+        a = saved["args"]
+        table = {name: {int(k): v for k, v in rows.items()} for name, rows in saved["table"].items()}
+        marks = {"Gram on": a["gram_start"]} | ({"refresh": a["refresh"]} if a["refresh"] else {})
+        png = Path(args.png) if args.png else Path(args.out) / "gram_anchoring.png"
+        plot(png, table, marks, saved.get("title") or f"tiny_cpu, {a['steps']} steps: no Gram vs Gram anchoring")
+        print(f"wrote {png}")
+        return
     s = args.steps
     args.gram_start = s // 2 if args.gram_start is None else args.gram_start
     args.refresh = (3 * s) // 4 if args.refresh is None else args.refresh
@@ -306,17 +326,23 @@ def main() -> None:
     for name, cfg in cfgs.items():
         rows, grams = {0: dict(init_row)}, {}
         for step, path in exports(cfg).items():
+            if name == "gram" and step < args.gram_start:
+                # Gram weight 0 and the same data stream: the no_gram teacher up to rounding.
+                rows[step] = dict(table["no_gram"][step], shared=True)
+                continue
             rows[step], grams[step] = measure(load_backbone(None, path), knn, task)
             print(f"[{name}] step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[step].items()), flush=True)
         anchor = grams[args.gram_start]
         for step, g in grams.items():
             rows[step]["gram_drift"] = float(np.mean((g - anchor) ** 2)) if step >= args.gram_start else None
+        for step in rows:
+            rows[step].setdefault("gram_drift", None)
         table[name] = rows
     t_done = time.perf_counter()
 
     keys = ["knn_top1@20", "miou_binary", "miou_11", "gram_drift"]
     head = f"{'step':>5} " + "".join(f"{k + ' ' + r:>24}" for k in keys for r in ("a", "b"))
-    print("\na = no_gram, b = gram (Gram from step %d, refresh at %s)" % (args.gram_start, args.refresh or "-"))
+    print(f"\na = no_gram, b = gram (Gram from step {args.gram_start}, refresh at {args.refresh or '-'})")
     print(head)
     for step in sorted(table["no_gram"]):
         a, b = table["no_gram"][step], table["gram"].get(step, {})
@@ -335,6 +361,7 @@ def main() -> None:
     print(f"patch-Gram drift ratio gram / no_gram: {ratio['gram_drift']:.3f}")
     logged = gram_logged(cfgs["gram"])
     summary = {
+        "title": f"tiny_cpu, {s} steps, seed {cfgs['no_gram'].train.seed}: no Gram vs Gram anchoring",
         "args": {k: v for k, v in vars(args).items() if k != "overrides"} | {"overrides": args.overrides},
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -359,7 +386,7 @@ def main() -> None:
     out_json.write_text(json.dumps(summary, indent=2) + "\n")
     png = Path(args.png) if args.png else Path(args.out) / "gram_anchoring.png"
     marks = {"Gram on": args.gram_start} | ({"refresh": args.refresh} if args.refresh else {})
-    plot(png, table, marks, f"tiny_cpu, {s} steps, seed {cfgs['no_gram'].train.seed}: no Gram vs Gram anchoring")
+    plot(png, table, marks, summary["title"])
     print(f"wrote {out_json} and {png}; training {t_trained - t_start:.0f} s, evaluation {t_done - t_trained:.0f} s")
 
 

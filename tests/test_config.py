@@ -435,3 +435,55 @@ def test_missing_recipe_suggests():
         load_config("tiny_cp")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/dir/x.yaml")
+
+
+def test_every_key_is_read_refused_or_declared_without_effect():
+    """No silent keys: every leaf key of the schema is read by the code (an attribute access
+    `.name` or a `"name"` lookup outside the schema's own tables and the validator), or accepts
+    only its official value (FIXED_KEYS), or warns that it has no effect (NO_EFFECT_KEYS)."""
+    import pathlib
+    import re
+
+    import dinov3_jax
+    from dinov3_jax.configs.load import _all_keys
+    from dinov3_jax.configs.schema import FIXED_KEYS, NO_EFFECT_KEYS
+
+    root = pathlib.Path(dinov3_jax.__file__).parent
+    texts = []
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        if path.name == "load.py" and path.parent.name == "configs":
+            continue  # validation and warnings are not an effect
+        if path.name == "schema.py" and path.parent.name == "configs":
+            text = text[text.index("# Derived values.") :]  # the functions that read the config
+        texts.append(text)
+    code = "\n".join(texts)
+    silent = []
+    for key in _all_keys():
+        if key in NO_EFFECT_KEYS or key in FIXED_KEYS:
+            continue
+        name = re.escape(key.rsplit(".", 1)[-1])
+        if not re.search(rf"\.{name}\b|[\"']{name}[\"']", code):
+            silent.append(key)
+    assert not silent, f"keys read nowhere (implement, refuse, or add to NO_EFFECT_KEYS): {silent}"
+
+
+def test_fixed_keys_are_refused():
+    with pytest.raises(ConfigError, match=r"dino\.koleo_topk: must be 1"):
+        load_config("tiny_cpu", ["dino.koleo_topk=2"])
+    with pytest.raises(ConfigError, match=r"ibot\.separate_head: must be True"):
+        load_config("tiny_cpu", ["ibot.separate_head=false"])
+    with pytest.raises(ConfigError, match=r"gram\.tokens_used"):
+        load_config("tiny_cpu", ["gram.tokens_used=masked", "gram.img_level=true"])
+    with pytest.raises(ConfigError, match="both say where the run starts"):
+        load_config("tiny_cpu", ["student.pretrained_weights=a.pth", "train.continue_from=runs/x"])
+
+
+def test_official_7b_recipes_load():
+    pre, gram, hr = (load_config(n) for n in ("vit7b16_pretrain", "vit7b16_gram_anchor", "vit7b16_high_res_adapt"))
+    assert not pre.gram.use_loss and gram.gram.use_loss and hr.gram.use_loss
+    assert gram.crops.gram_teacher_crops_size == 512 and gram.gram.img_level and gram.gram.max_updates == 3
+    assert hr.crops.global_crops_size == (512, 768, 768, 768, 768)
+    assert hr.crops.gram_teacher_crops_size == (768, 1152, 1152, 1152, 1152)
+    assert hr.dino.koleo_loss_distributed and hr.dino.koleo_distributed_loss_group_size == 16
+    assert not hr.gram.rep_update and hr.schedules.lr.end == 1.25e-5

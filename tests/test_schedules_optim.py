@@ -64,7 +64,17 @@ def test_v1_schedules_by_hand():
     np.testing.assert_allclose(at(29)["teacher_temp"], 0.07, rtol=1e-12)
     assert at(30)["teacher_temp"] == 0.07 and at(500)["teacher_temp"] == 0.07
     assert at(5)["dino_local_weight"] == 1.0 and at(5)["gram_weight"] == 1.0
-    assert set(at(0)) == {"lr", "wd", "momentum", "teacher_temp", "last_layer_lr", "dino_local_weight", "gram_weight"}
+    assert at(5)["backbone_lr_scale"] == 1.0  # no head warm-up unless optim.freeze_backbone_epochs
+    assert set(at(0)) == {
+        "lr",
+        "wd",
+        "momentum",
+        "teacher_temp",
+        "last_layer_lr",
+        "dino_local_weight",
+        "gram_weight",
+        "backbone_lr_scale",
+    }
 
 
 def test_cosine_schedule_freeze_and_dtype():

@@ -213,7 +213,7 @@ class Train:
     num_workers: int = 10
     # Iterations per "epoch"; total iterations = optim.epochs × this.
     OFFICIAL_EPOCH_LENGTH: int = 1250
-    # Log the gradient norms (no effect; the trainer always logs them).
+    # Log the gradient norms (no effect: metrics.jsonl always has grad_norm_backbone/_dino_head/_ibot_head).
     monitor_gradient_norm: bool = False
     # Chunked schedule (unused upstream; no effect).
     chunk_schedule: tuple[Any, ...] = ()
@@ -667,7 +667,7 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "train.data_config": "set the data section",
     "train.saveckp_freq": "set checkpointing.period",
     "train.num_workers": "set data.num_workers",
-    "train.monitor_gradient_norm": "gradient norms are always logged",
+    "train.monitor_gradient_norm": "the per-sub-module gradient norms are always logged (grad_norm_*)",
     "train.chunk_schedule": "",
     "train.use_teacher_head": "",
     "train.learn_from_teacher_tokens": "",

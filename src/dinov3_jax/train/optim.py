@@ -137,16 +137,22 @@ def param_labels(
 # ---------------------------------------------------------------------------------------------
 
 
+def submodule_norms(grads: PyTree) -> dict[str, jax.Array]:
+    """The global L2 norm of each top-level sub-module's gradients (backbone, dino_head, ibot_head)."""
+    sq: dict[str, jax.Array] = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        g = path_names(path)[0] if len(path) else ""
+        sq[g] = sq.get(g, 0.0) + jnp.sum(jnp.square(x.astype(jnp.float32)))
+    return {g: jnp.sqrt(s) for g, s in sq.items()}
+
+
 def clip_by_submodule(grads: PyTree, max_norm: float) -> tuple[PyTree, dict[str, jax.Array]]:
     """Scales the gradients of each top-level sub-module by `min(max_norm / (norm + 1e-6), 1)`,
     with `norm` that sub-module's global L2 norm (PyTorch `clip_grad_norm_`). Returns the clipped
     gradients and the pre-clipping norms."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(grads)
     groups = [path_names(p)[0] if len(p) else "" for p, _ in leaves]
-    sq: dict[str, jax.Array] = {}
-    for g, (_, x) in zip(groups, leaves):
-        sq[g] = sq.get(g, 0.0) + jnp.sum(jnp.square(x.astype(jnp.float32)))
-    norms = {g: jnp.sqrt(s) for g, s in sq.items()}
+    norms = submodule_norms(grads)
     factors = {g: jnp.minimum(max_norm / (n + 1e-6), 1.0) for g, n in norms.items()}
     clipped = [(x * factors[g]).astype(x.dtype) for g, (_, x) in zip(groups, leaves)]
     return jax.tree_util.tree_unflatten(treedef, clipped), norms

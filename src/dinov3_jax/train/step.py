@@ -40,6 +40,7 @@ from dinov3_jax.losses import (
 from dinov3_jax.models.config import ViTConfig
 from dinov3_jax.models.heads import DINOHead
 from dinov3_jax.models.vit import DinoVisionTransformer
+from dinov3_jax.train.optim import submodule_norms
 
 Array = jax.Array
 PyTree = Any
@@ -341,7 +342,8 @@ def make_train_step(
             "nan_total": state["nan_total"] + (~finite).astype(jnp.int32),
             "key": state["key"],
         }
-        metrics = {"loss": loss, **parts, "finite": finite, **{k: v for k, v in sched.items()}}
+        norms = {f"grad_norm_{k}": v for k, v in submodule_norms(grads).items()}  # before clipping
+        metrics = {"loss": loss, **parts, **norms, "finite": finite, **{k: v for k, v in sched.items()}}
         return new_state, metrics
 
     return train_step
