@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # The default job: the tiny CPU recipe on the built-in synthetic dataset (about 10 minutes on 2 cores).
 train: $(STAMP)

@@ -2,16 +2,31 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM's backend optimisations are off: the tiny test programs run in milliseconds either way, and
+# compiling them is most of the suite's time (fp semantics are the same: no fast-math either way).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax
+import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # Many tests train the same tiny configs more than once (an uninterrupted run, then a stopped and
-# resumed one): a per-session compilation cache compiles each distinct program once.
+# resumed one): a compilation cache for the session compiles each distinct program once. The
+# pytest-xdist workers of one run share it (same run id), so a program compiled by one is reused
+# by the other.
 import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="dinov3-jax-test-cache-"))
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_cache = Path(tempfile.gettempdir(), f"dinov3-jax-test-cache-{_run}") if _run else None
+jax.config.update(
+    "jax_compilation_cache_dir", str(_cache) if _cache else tempfile.mkdtemp(prefix="dinov3-jax-test-cache-")
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first, so that pytest-xdist's workers do not end on one long test each."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

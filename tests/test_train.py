@@ -154,6 +154,7 @@ def test_nan_step_is_skipped_and_counted():
     assert (int(after["nan_streak"]), int(after["nan_total"]), int(after["step"])) == (1, 1, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("data", "fsdp"), [(8, 1), (2, 4)])
 def test_sharded_meshes_match_one_device(data, fsdp):
     """Data parallel and FSDP give the losses and the parameters of one device.
@@ -181,6 +182,7 @@ def test_fsdp_shards_the_parameters():
     assert any(getattr(x, "sharding", None) == qkv.sharding for x in jax.tree.leaves(mu))
 
 
+@pytest.mark.slow
 def test_exact_resume(tmp_path):
     """N steps in one go equal k steps, a stop, and a resumed run to N: bitwise, on CPU."""
     overrides = ["checkpointing.period=2"]
@@ -236,6 +238,7 @@ def test_cli_trains_on_a_folder_of_images_and_exports(tmp_path, capsys):
     assert load_backbone(weights=tmp_path / "official.pth").config.depth == backbone.config.depth
 
 
+@pytest.mark.slow
 def test_bf16_compute_step_is_finite():
     states, metrics = run_steps(one_device_mesh(), n_steps=2, extra=("compute_precision.param_dtype=bf16",))
     assert all(m["finite"] and np.isfinite(m["loss"]) for m in metrics)
