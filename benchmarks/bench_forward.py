@@ -1,7 +1,8 @@
-"""Forward-pass throughput: dinov3-jax vs Hugging Face transformers' DINOv3ViTModel, same weights.
+"""Forward-pass throughput: dinov3-jax vs Hugging Face transformers (`DINOv3ViTModel`,
+`DINOv3ConvNextModel`), same weights.
 
 For each case the script builds our backbone with random weights, loads the very same weights into
-`transformers.DINOv3ViTModel`, checks that both give the same normalised tokens on one random
+the transformers model, checks that both give the same normalised tokens on one random
 batch, then times the two side by side in this process: compile / warm up first, then alternate
 one call of ours and one call of torch, and report the median of each.
 
@@ -40,6 +41,8 @@ CASES = {
     "s16-224": Case("dinov3_vits16", 224, 32),
     "b16-224": Case("dinov3_vitb16", 224, 32),
     "s16-512": Case("dinov3_vits16", 512, 8),
+    "cnxt-t-224": Case("dinov3_convnext_tiny", 224, 32),
+    "cnxt-b-224": Case("dinov3_convnext_base", 224, 16),
 }
 
 
@@ -77,7 +80,7 @@ def randomise_layerscale(flat: dict[str, np.ndarray], rng: np.random.Generator) 
     make the agreement check meaningless; values of order 1 exercise the blocks."""
     out = dict(flat)
     for key, value in flat.items():
-        if key.endswith(("ls1.gamma", "ls2.gamma")):
+        if key.endswith(".gamma"):  # ViT ls1/ls2, ConvNeXt blocks
             out[key] = rng.uniform(0.5, 1.5, value.shape).astype(value.dtype)
     return out
 
@@ -85,26 +88,31 @@ def randomise_layerscale(flat: dict[str, np.ndarray], rng: np.random.Generator) 
 def build_pair(case: Case, dtype: str, attention: str, torch_device: str):
     """(our jitted forward, the torch model) with identical weights."""
     import torch
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    from transformers import DINOv3ConvNextConfig, DINOv3ConvNextModel, DINOv3ViTConfig, DINOv3ViTModel
 
+    from dinov3_jax.convert import convnext as cnxconv
     from dinov3_jax.convert import hf as hfconv
     from dinov3_jax.convert.ours import model_from_flat, model_to_flat
     from dinov3_jax.inference import jit_method
+    from dinov3_jax.models.config import ConvNeXtConfig
     from dinov3_jax.models.registry import create_backbone
 
     rng = np.random.default_rng(0)
     base = create_backbone(case.model, seed=0)
     flat = randomise_layerscale(model_to_flat(base), rng)
-    cfg = base.config.replace(dtype=dtype, attention_impl=attention)
-    model = model_from_flat(cfg, flat)
-
-    hf_kwargs = {} if dtype == "float32" else {"attn_implementation": "sdpa"}
-    hf_cfg = DINOv3ViTConfig(**hfconv.config_to_hf(base.config), **hf_kwargs)
-    tmodel = DINOv3ViTModel(hf_cfg).eval()
-    # from_ours writes the on-disk (4.x) names; the in-memory 5.x module nests blocks under `model.`.
+    if isinstance(base.config, ConvNeXtConfig):  # no attention to choose
+        model = model_from_flat(base.config.replace(dtype=dtype), flat)
+        tmodel = DINOv3ConvNextModel(DINOv3ConvNextConfig(**cnxconv.config_to_hf(base.config))).eval()
+        hf_flat = cnxconv.official_to_hf(cnxconv.official_from_ours(flat))
+    else:
+        model = model_from_flat(base.config.replace(dtype=dtype, attention_impl=attention), flat)
+        hf_kwargs = {} if dtype == "float32" else {"attn_implementation": "sdpa"}
+        tmodel = DINOv3ViTModel(DINOv3ViTConfig(**hfconv.config_to_hf(base.config), **hf_kwargs)).eval()
+        hf_flat = hfconv.from_ours(flat, base.config)
+    # The converters write the on-disk (4.x) names; the in-memory 5.x modules nest them under `model.`.
     wanted = set(tmodel.state_dict())
     sd = {}
-    for key, value in hfconv.from_ours(flat, base.config).items():
+    for key, value in hf_flat.items():
         key = key if key in wanted or "model." + key not in wanted else "model." + key
         sd[key] = torch.from_numpy(np.array(value))
     tmodel.load_state_dict(sd, strict=True)

@@ -18,7 +18,7 @@ each export, and the initialisation, is measured on
 
 * global k-NN top-1 (the trainer's evaluator: 2048 train / 1024 held-out built-in images at the
   32 px global-crop resolution, cosine, T = 0.07);
-* the linear segmentation probe (`dinov3_jax.eval.dense`) on the built-in masks at 64 px
+* the linear segmentation probe (`dinov3_jax.eval.segment`) on the built-in masks at 64 px
   (8×8 patches): binary foreground / background mIoU, and 11-class (background + 10 shape
   kinds) mIoU, `--seg-train` / `--seg-val` images;
 * the drift of the patch-similarity structure: the mean squared difference between each
@@ -52,10 +52,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dinov3_jax.backbone import Backbone
 from dinov3_jax.configs import config_to_yaml, load_config, student_vit_config
-from dinov3_jax.eval import dense
-from dinov3_jax.train.main import KnnEvaluator, head_configs, train
-from dinov3_jax.train.step import SSLModel
+from dinov3_jax.eval import segment
+from dinov3_jax.eval.knn import KnnEvaluator
+from dinov3_jax.models.heads import SSLModel
+from dinov3_jax.train.main import head_configs, train
 from dinov3_jax.weights import load_backbone
 
 RUNS = ("no_gram", "gram")
@@ -162,19 +164,21 @@ class DenseTask:
     """The built-in masks at 64 px: images loaded once; binary and 11-class probes on the same features."""
 
     def __init__(self, n_train: int, n_val: int, steps: int, lr: float):
-        size = (SEG_RESOLUTION, SEG_RESOLUTION)
+        self.size = (SEG_RESOLUTION, SEG_RESOLUTION)
         kw = dict(image_size=SEG_RESOLUTION, seed=0)
-        self.train_x, self.train_y = dense.load_pairs(dense.SyntheticMasks(n_train, split="train", **kw), size)
-        self.val_x, self.val_y = dense.load_pairs(dense.SyntheticMasks(n_val, split="val", **kw), size)
+        self.train = InMemory(segment.SyntheticMasks(n_train, split="train", **kw))
+        self.val = InMemory(segment.SyntheticMasks(n_val, split="val", **kw))
+        self.train_y, self.val_y = segment.masks_at(self.train, self.size), segment.masks_at(self.val, self.size)
         self.steps, self.lr = steps, lr
 
-    def features(self, backbone) -> tuple[np.ndarray, np.ndarray]:
-        return dense.extract_patch_features(backbone, self.train_x), dense.extract_patch_features(backbone, self.val_x)
+    def features(self, module) -> tuple[np.ndarray, np.ndarray]:
+        backbone = Backbone(module)
+        return tuple(segment.patch_features(backbone, src, self.size) for src in (self.train, self.val))
 
     def probe(self, train_f, val_f, binary: bool) -> float:
         train_y, val_y = (np.minimum(y, 1) if binary else y for y in (self.train_y, self.val_y))
-        probe = dense.train_linear_segmenter(train_f, train_y, 2 if binary else 11, steps=self.steps, lr=self.lr)
-        return 100 * dense.evaluate_segmenter(probe, val_f, val_y)["miou"]
+        probe = segment.train_linear_segmenter(train_f, train_y, 2 if binary else 11, steps=self.steps, lr=self.lr)
+        return 100 * segment.evaluate_segmenter(probe, val_f, val_y)["miou"]
 
 
 def patch_grams(feats: np.ndarray) -> np.ndarray:

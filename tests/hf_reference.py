@@ -1,5 +1,6 @@
-"""The independent PyTorch reference: Hugging Face `DINOv3ViTModel` with every weight randomised
-(PARITY.md §3–4), and an official-layout state dict synthesised from it (PARITY.md §5.8).
+"""The independent PyTorch references: Hugging Face `DINOv3ViTModel` and `DINOv3ConvNextModel` with
+every weight randomised (PARITY.md §3–4), and official-layout state dicts synthesised from them
+(PARITY.md §5.8).
 
 Nothing here uses dinov3_jax's converters: the official layout is written from RECIPE.md §2.1.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import DINOv3ViTConfig, DINOv3ViTModel
+from transformers import DINOv3ConvNextConfig, DINOv3ConvNextModel, DINOv3ViTConfig, DINOv3ViTModel
 
 # Tiny configurations exercising every branch the released models use (PARITY.md §3).
 CASES = {
@@ -56,7 +57,7 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
         return torch.from_numpy((loc + scale * rng.standard_normal(shape)).astype(np.float32))
 
     for name, p in model.named_parameters():
-        if "lambda1" in name:
+        if "lambda1" in name or name.endswith("gamma"):
             p.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, p.shape).astype(np.float32)))
         elif "norm" in name and name.endswith("weight"):
             p.copy_(draw(p.shape, 0.2, 1.0))
@@ -124,3 +125,32 @@ def run_hf(model: DINOv3ViTModel, images_nchw: np.ndarray, masks: np.ndarray | N
     x = torch.from_numpy(images_nchw)
     kwargs = {} if masks is None else {"bool_masked_pos": torch.from_numpy(masks)}
     return model(x, output_hidden_states=True, **kwargs)
+
+
+def make_hf_convnext(seed: int = 0) -> DINOv3ConvNextModel:
+    """The tiny ConvNeXt of PARITY.md §3 (depths 1, 2, 1, 1; widths 8–64), every weight randomised."""
+    config = DINOv3ConvNextConfig(depths=[1, 2, 1, 1], hidden_sizes=[8, 16, 32, 64], layer_norm_eps=1e-6)
+    torch.manual_seed(seed)
+    model = DINOv3ConvNextModel(config).eval()
+    randomize_(model, seed)
+    return model
+
+
+def official_convnext_state_dict(model: DINOv3ConvNextModel) -> dict[str, torch.Tensor]:
+    """The official-layout ConvNeXt state dict (RECIPE.md §2.3) of the same network, renamed by
+    hand, with the final norm stored twice (`norm.*` and `norms.3.*`) as the official files do."""
+    block = {"depthwise_conv": "dwconv", "layer_norm": "norm", "pointwise_conv1": "pwconv1",
+             "pointwise_conv2": "pwconv2"}  # fmt: skip
+    out = {}
+    for key, value in model.state_dict().items():
+        parts = key.removeprefix("model.").split(".")
+        if parts[0] == "layer_norm":
+            names = [f"norm.{parts[1]}", f"norms.3.{parts[1]}"]
+        elif parts[2] == "downsample_layers":  # stages.i.downsample_layers.k.leaf
+            names = [f"downsample_layers.{parts[1]}.{parts[3]}.{parts[4]}"]
+        else:  # stages.i.layers.j.module(.leaf)
+            module = ".".join([block.get(parts[4], parts[4]), *parts[5:]])
+            names = [f"stages.{parts[1]}.{parts[3]}.{module}"]
+        for name in names:
+            out[name] = value.detach().clone()
+    return out

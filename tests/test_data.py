@@ -11,6 +11,7 @@ from PIL import Image
 
 from dinov3_jax.configs import load_config
 from dinov3_jax.data import augment as A
+from dinov3_jax.data.images import ResizeCrop
 from dinov3_jax.data.masking import MaskingGenerator, collate_masks, mask_targets, max_masked_tokens
 from dinov3_jax.data.pipeline import build_eval_pipeline, build_train_pipeline
 from dinov3_jax.data.sources import (
@@ -22,6 +23,7 @@ from dinov3_jax.data.sources import (
     find_fashion_mnist,
     make_source,
 )
+from dinov3_jax.models.registry import NORMALIZATION
 
 TINY = dict(global_crops_size=16, local_crops_size=8, local_crops_number=2, patch_size=4)
 
@@ -57,8 +59,8 @@ def test_crop_shapes_and_ranges():
     out = aug(img, np.random.default_rng(0))
     assert out["global_crops"].shape == (2, 24, 24, 3) and out["global_crops"].dtype == np.float32
     assert out["local_crops"].shape == (3, 12, 12, 3) and out["local_crops"].dtype == np.float32
-    lo = (0 - np.array(A.IMAGENET_MEAN)) / np.array(A.IMAGENET_STD)
-    hi = (1 - np.array(A.IMAGENET_MEAN)) / np.array(A.IMAGENET_STD)
+    lo = (0 - np.array(NORMALIZATION["lvd"][0])) / np.array(NORMALIZATION["lvd"][1])
+    hi = (1 - np.array(NORMALIZATION["lvd"][0])) / np.array(NORMALIZATION["lvd"][1])
     for x in (out["global_crops"], out["local_crops"]):
         assert np.all(x >= lo - 1e-5) and np.all(x <= hi + 1e-5)
         assert np.isfinite(x).all()
@@ -334,7 +336,7 @@ def test_folder_source_labels_and_corrupt_skipped(tmp_path):
     assert sum(int(b["n_skipped"]) for b in batches) == 1
     assert all(((b["labels"] >= 0) & (b["labels"] < 2)).all() for b in batches)
     # eval pipeline: the corrupt file becomes an invalid row
-    rows = list(build_eval_pipeline(src, 8, 4))
+    rows = list(build_eval_pipeline(src, ResizeCrop(8, 9), 4))
     valid = np.concatenate([r["valid"] for r in rows])
     assert len(rows) == 3 and valid.sum() == 8 and not valid[bad]
 
@@ -420,7 +422,7 @@ def test_fashion_mnist_reader(tmp_path, gz):
     assert img.shape == (28, 28, 3) and lab == 9 and np.array_equal(img[..., 2], images[1])
     with pytest.raises(ValueError, match="train"):
         FashionMNISTSource(tmp_path, split="train")
-    batch = next(iter(build_eval_pipeline(src, 8, 4)))
+    batch = next(iter(build_eval_pipeline(src, ResizeCrop(8, 9), 4)))
     assert batch["images"].shape == (4, 8, 8, 3) and batch["labels"].tolist() == [0, 9, 3, 3]
 
 
@@ -449,7 +451,7 @@ def test_fashion_mnist_debian_package():
 
 def test_eval_pipeline_order_and_padding():
     src = SyntheticSource(10, 20, seed=0)
-    rows = list(build_eval_pipeline(src, 16, 4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    rows = list(build_eval_pipeline(src, ResizeCrop(16, 18), 4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
     assert len(rows) == 3
     for r in rows:
         assert r["images"].shape == (4, 16, 16, 3) and r["images"].dtype == np.float32

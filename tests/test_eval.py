@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dinov3_jax.backbone import Backbone, Outputs
 from dinov3_jax.cli import main
+from dinov3_jax.data.images import ResizeCrop
 from dinov3_jax.data.pipeline import build_eval_pipeline
 from dinov3_jax.data.sources import SyntheticSource
-from dinov3_jax.eval import features as features_mod
+from dinov3_jax.eval import extract as extract_mod
 from dinov3_jax.eval.cli import default_resolution, parse_source
-from dinov3_jax.eval.features import extract_features
 from dinov3_jax.eval.linear import train_linear_probe
 from dinov3_jax.eval.logreg import LogisticRegression, logistic_regression_eval, split_train_val
 from dinov3_jax.models.registry import NORMALIZATION, create_backbone
@@ -94,26 +95,32 @@ def source():
     return SyntheticSource(num_samples=20, image_size=RES, split="train")
 
 
+TRANSFORM = ResizeCrop(RES, RES * 256 // 224)
+
+
 def extract(model, src, **kw):
     # batch 12 is not a multiple of the 8 test devices: rounded up to 16 (and the last batch padded)
-    return extract_features(model, src, resolution=RES, batch_size=12, mean=MEAN, std=STD, n_last_blocks=2, **kw)
+    return extract_mod.extract(
+        Backbone(model), src, transform=TRANSFORM, outputs=Outputs(linear_blocks=2), batch_size=12, **kw
+    )
 
 
 def test_extract_features_matches_direct_call(tiny, source):
     feats = extract(tiny, source)
     d = tiny.config.embed_dim
-    assert feats.cls.shape == (20, d) and feats.linear.shape == (20, 3 * d)  # (n + 1)·D for n = 2
+    assert feats["cls"].shape == (20, d) and feats["linear"].shape == (20, 3 * d)  # (n + 1)·D for n = 2
     assert feats.labels.tolist() == [i % 10 for i in range(20)]
+    assert feats.indices.tolist() == list(range(20)) and not feats.skipped
     assert not feats.from_cache
 
-    batch = next(iter(build_eval_pipeline(source, RES, BATCH, MEAN, STD)))
+    batch = next(iter(build_eval_pipeline(source, TRANSFORM, BATCH, MEAN, STD)))
     x = jnp.asarray(batch["images"])
     layers = tiny.get_intermediate_layers(x, n=2, return_class_token=True, norm=True)
     direct = jnp.concatenate([layers[0][1], layers[1][1], layers[1][0].mean(axis=1)], axis=-1)
     cls = tiny.forward_features(x)["x_norm_clstoken"]
-    np.testing.assert_allclose(feats.linear[:BATCH], np.asarray(direct), atol=2e-5)
-    np.testing.assert_allclose(feats.cls[:BATCH], np.asarray(cls), atol=2e-5)
-    np.testing.assert_allclose(feats.linear[:, d : 2 * d], feats.cls, atol=1e-6)  # last block's CLS
+    np.testing.assert_allclose(feats["linear"][:BATCH], np.asarray(direct), atol=2e-5)
+    np.testing.assert_allclose(feats["cls"][:BATCH], np.asarray(cls), atol=2e-5)
+    np.testing.assert_allclose(feats["linear"][:, d : 2 * d], feats["cls"], atol=1e-6)  # last block's CLS
 
 
 def test_feature_cache_is_used(tiny, source, tmp_path, monkeypatch):
@@ -123,11 +130,12 @@ def test_feature_cache_is_used(tiny, source, tmp_path, monkeypatch):
     def no_forward(*args, **kwargs):
         raise AssertionError("the cached features should have been loaded")
 
-    monkeypatch.setattr(features_mod, "build_eval_pipeline", no_forward)
+    monkeypatch.setattr(extract_mod, "build_eval_pipeline", no_forward)
     second = extract(tiny, source, cache_dir=tmp_path)
     assert second.from_cache
-    for name in ("cls", "linear", "labels"):
-        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+    for name in ("cls", "linear"):
+        np.testing.assert_array_equal(first[name], second[name])
+    np.testing.assert_array_equal(first.labels, second.labels)
     monkeypatch.undo()
 
     # A different model (same architecture, other weights) or different data misses the cache.

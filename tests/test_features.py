@@ -10,7 +10,7 @@ from PIL import Image
 
 from dinov3_jax import NORMALIZATION, create_backbone, load_backbone, save_backbone
 from dinov3_jax.cli import main
-from dinov3_jax.data.preprocess import find_images, load_image, parse_resolution
+from dinov3_jax.data.images import Resize, decode, find_images, mean_std, normalize, parse_resolution
 
 MODEL = "dinov3_vit_tiny"  # patch 16, width 64, 3 blocks, 4 registers
 
@@ -185,7 +185,7 @@ def test_load_image_formula(image_dir):
     # Downscaling: PIL's bilinear filter widens with the scale factor (antialiasing), as torchvision's
     # Resize(antialias=True); the result is then ((x / 255) - mean) / std in float32.
     mean, std = (np.array(v, np.float32) for v in NORMALIZATION["sat"])
-    got = load_image(image_dir / "d_rgba.png", (16, 32), "sat")
+    got = normalize(Resize((16, 32))(decode(image_dir / "d_rgba.png")), *mean_std("sat"))
     with Image.open(image_dir / "d_rgba.png") as img:
         small = np.asarray(img.convert("RGB").resize((32, 16), Image.BILINEAR), np.float32)
     assert got.shape == (16, 32, 3) and got.dtype == np.float32

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dinov3_jax.backbone import Backbone
 from dinov3_jax.cli import main
-from dinov3_jax.eval import visualize as vis
+from dinov3_jax.data.images import mean_std, normalize
+from dinov3_jax.show import foreground, match, panels, pca, similarity
+from dinov3_jax.show import model as show_model
 from dinov3_jax.weights import load_backbone
 
 MODEL = ["--model", "dinov3_vit_tiny"]  # patch 16, width 64, 4 heads, 4 registers
@@ -109,12 +112,12 @@ def test_show_errors(pictures, tmp_path, capsys):
 
 
 def test_picture_size():
-    assert vis.picture_size((64, 48), "64", 16) == (48, 64)
-    assert vis.picture_size((48, 64), 64, 16) == (64, 48)
-    assert vis.picture_size((1000, 100), "64", 16) == (16, 64)  # at least one patch
-    assert vis.picture_size((1000, 100), "32x48", 16) == (32, 48)  # exact
+    assert panels.picture_size((64, 48), "64", 16) == (48, 64)
+    assert panels.picture_size((48, 64), 64, 16) == (64, 48)
+    assert panels.picture_size((1000, 100), "64", 16) == (16, 64)  # at least one patch
+    assert panels.picture_size((1000, 100), "32x48", 16) == (32, 48)  # exact
     with pytest.raises(ValueError, match="multiple"):
-        vis.picture_size((64, 48), "60", 16)
+        panels.picture_size((64, 48), "60", 16)
 
 
 def test_attention_maps_are_probabilities():
@@ -128,9 +131,12 @@ def test_attention_maps_are_probabilities():
     prefix = np.asarray(model.get_last_self_attention(x, prefix_only=True))
     assert prefix.shape == (2, 4, model.n_prefix_tokens, n)
     np.testing.assert_allclose(prefix, full[:, :, : model.n_prefix_tokens], atol=1e-6)
-    maps = vis.FeatureExtractor(model).prefix_attention(np.asarray(x[:1]))
+    # Through the pictures' access path: an image, normalised by the extraction loop.
+    image = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    maps = show_model.prefix_attention(Backbone(model), image, (48, 64))
+    direct = np.asarray(model.get_last_self_attention(normalize(image, *mean_std("lvd"))[None], prefix_only=True))
     assert maps.shape == (5, 4, 3, 4)
-    np.testing.assert_allclose(maps.reshape(5, 4, 12), prefix[0, :, :, 5:].transpose(1, 0, 2), atol=1e-6)
+    np.testing.assert_allclose(maps.reshape(5, 4, 12), direct[0, :, :, 5:].transpose(1, 0, 2), atol=1e-6)
 
 
 def test_attention_matches_hf_eager():
@@ -158,13 +164,13 @@ def test_nearest_neighbours_match_brute_force():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((50, 8)), rng.standard_normal((37, 8))
     b[:10] = a[:10] * 3.0  # ten exact (scaled) correspondences
-    nn12, sim12, nn21 = vis.nearest_neighbours(a, b, chunk=7)
+    nn12, sim12, nn21 = match.nearest_neighbours(a, b, chunk=7)
     an, bn = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
     s = an @ bn.T
     np.testing.assert_array_equal(nn12, s.argmax(1))
     np.testing.assert_allclose(sim12, s.max(1), rtol=1e-6)
     np.testing.assert_array_equal(nn21, s.argmax(0))
-    i, j, _ = vis.mutual_nearest_neighbours(a, b)
+    i, j, _ = match.mutual_nearest_neighbours(a, b)
     expected = [k for k in range(50) if s[:, s[k].argmax()].argmax() == k]
     np.testing.assert_array_equal(i, expected)
     assert set(range(10)) <= set(i.tolist())
@@ -174,13 +180,13 @@ def test_nearest_neighbours_match_brute_force():
 def test_pca_and_similarity_maps():
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((3, 4, 16)).astype(np.float32)
-    rgb = vis.pca_rgb(feats)
+    rgb = pca.pca_rgb(feats)
     assert rgb.shape == (3, 4, 3) and rgb.min() == 0.0 and rgb.max() == 1.0
     keep = np.zeros((3, 4), bool)
     keep[:2, :2] = True
-    masked = vis.pca_rgb(feats, keep)
+    masked = pca.pca_rgb(feats, keep)
     assert np.all(masked[~keep] == 0.0)
-    sim = vis.cosine_similarity_map(feats, 1, 2)
+    sim = similarity.cosine_similarity_map(feats, 1, 2)
     assert sim[1, 2] == pytest.approx(1.0) and np.all(sim <= 1.0 + 1e-6)
 
 
@@ -188,7 +194,7 @@ def test_logistic_regression_separates():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((400, 10))
     y = (x[:, 0] + 0.5 * x[:, 3] > 0).astype(int)
-    clf = vis.fit_logistic_regression(x, y)
+    clf = foreground.fit_logistic_regression(x, y)
     assert np.mean((clf.predict_proba(x) >= 0.5) == y) > 0.97
-    targets = vis.patch_targets(np.pad(np.ones((16, 16), np.uint8), ((0, 16), (0, 16))), (2, 2))
+    targets = foreground.patch_targets(np.pad(np.ones((16, 16), np.uint8), ((0, 16), (0, 16))), (2, 2))
     np.testing.assert_array_equal(targets, [[1, 0], [0, 0]])

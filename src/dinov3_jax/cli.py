@@ -35,15 +35,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
+    from dinov3_jax.models.config import ConvNeXtConfig
     from dinov3_jax.models.registry import MODELS
 
-    print(f"{'name':26} {'width':>5} {'depth':>5} {'heads':>5} {'ffn':>9} {'params':>14}  norm")
+    print(f"{'name':26} {'width':>5} {'depth':>9} {'heads':>5} {'ffn':>9} {'params':>14}  norm")
     for name, spec in MODELS.items():
         c = spec.config
         params = f"{spec.n_params:,}" if spec.n_params else "-"
-        print(
-            f"{name:26} {c.embed_dim:5} {c.depth:5} {c.num_heads:5} {c.ffn_layer:>9} {params:>14}  {spec.normalization}"
-        )
+        if isinstance(c, ConvNeXtConfig):  # depth: blocks per stage
+            depth, heads, ffn = "-".join(map(str, c.depths)), "-", "convnext"
+        else:
+            depth, heads, ffn = str(c.depth), str(c.num_heads), c.ffn_layer
+        print(f"{name:26} {c.embed_dim:5} {depth:>9} {heads:>5} {ffn:>9} {params:>14}  {spec.normalization}")
     return 0
 
 
@@ -82,17 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cli.add_arguments(ev)
     ev.set_defaults(run=eval_cli.run)
 
-    from dinov3_jax.eval import visualize
+    from dinov3_jax.show import cli as show_cli
 
     show = sub.add_parser("show", help="PNG pictures of patch features: pca, similarity, attention, foreground, match")
-    visualize.add_arguments(show)
-    show.set_defaults(run=visualize.run)
+    show_cli.add_arguments(show)
+    show.set_defaults(run=show_cli.run)
 
-    from dinov3_jax.eval import dense
+    from dinov3_jax.eval import segment
 
     seg = sub.add_parser("segment", help="linear segmentation probe on frozen patch features (mIoU)")
-    dense.add_arguments(seg)
-    seg.set_defaults(run=dense.run)
+    segment.add_arguments(seg)
+    seg.set_defaults(run=segment.run)
 
     models = sub.add_parser("models", help="list the known backbones")
     models.set_defaults(run=_models)

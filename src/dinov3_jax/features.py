@@ -1,10 +1,10 @@
 """`dinov3-jax features`: batched feature extraction from image files.
 
-Images are found under the inputs, decoded and preprocessed in a thread pool (a bounded window
-ahead of the model, so memory holds a few batches of pixels, never the whole set), batched with
-the last batch padded (one compiled shape), and run through one jitted function that returns
-only the requested outputs. The features go to one `.safetensors` (default) or `.npz` file with
-the image paths, in order, and the settings as metadata.
+Images are found under the inputs and go through the one extraction loop (`eval.extract`):
+decoded in threads a bounded window ahead of the model, resized to --resolution, normalised as the
+weights were trained, batched with the last batch padded, and run through one jitted function
+that returns only the requested outputs. The features go to one `.safetensors` (default) or
+`.npz` file with the image paths, in order, and the settings as metadata.
 """
 
 from __future__ import annotations
@@ -13,21 +13,14 @@ import argparse
 import json
 import os
 import sys
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dinov3_jax.data.preprocess import (
-    check_resolution,
-    find_images,
-    load_image,
-    parse_resolution,
-)
-from dinov3_jax.models.registry import MODELS, NORMALIZATION, get_spec, model_from_filename
+from dinov3_jax import backbone as front_door
+from dinov3_jax.data.images import Resize, check_resolution, find_images, parse_resolution
+from dinov3_jax.data.sources import ImageFiles
 
 OUT_SUFFIXES = (".safetensors", ".npz")
 # The file names go in the safetensors JSON header, which readers cap at 100 MB; keep room for the rest.
@@ -38,19 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Run a DINOv3 backbone over image files (resized to --resolution, normalised as in training) and "
         "write, per image: cls [N, D], registers [N, R, D], with --patch patch [N, h*w, D], with --layers "
-        "layers_cls [N, L, D] (and layers_patch [N, L, h*w, D]). The image paths, in row order, are "
+        "layers_cls [N, L, D] (and layers_patch [N, L, h*w, D]); a ConvNeXt writes stage{i}_cls [N, D_i] (and "
+        "stage{i}_patch at each stage's own stride) instead. The image paths, in row order, are "
         "stored in the file (safetensors metadata 'files', or the npz array 'files')."
     )
-    parser.add_argument("--model", help="registry name (see `dinov3-jax models`); optional when --weights states it")
-    parser.add_argument(
-        "--weights", help="backbone weights (official .pth, HF folder/safetensors, ours); random init if omitted"
-    )
+    front_door.add_arguments(parser)
     parser.add_argument(
         "--input",
         nargs="+",
         required=True,
         metavar="PATH",
-        help="image files and/or folders (searched recursively for jpg/jpeg/png/bmp/gif/tif/tiff/webp)",
+        help="image files and/or folders (searched recursively for jpg/jpeg/png/bmp/gif/tif/tiff/webp/ppm)",
     )
     parser.add_argument(
         "--resolution",
@@ -63,15 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--layers",
         type=int,
         metavar="N",
-        help="also write the normalised CLS (and, with --patch, patch) outputs of the last N blocks",
+        help="also write the normalised CLS (and, with --patch, patch) outputs of the last N blocks (ConvNeXt: stages)",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    parser.add_argument(
-        "--normalization",
-        choices=sorted(NORMALIZATION),
-        help="input mean/std preset; default: the one the model was trained with",
-    )
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), help="compute dtype (default: fp32)")
     parser.add_argument(
         "--workers",
         type=int,
@@ -79,111 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="threads decoding images (default: min(8, CPUs))",
     )
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping")
-
-
-# ---------------------------------------------------------------------------------------------
-# Model, normalisation and the jitted extractor
-# ---------------------------------------------------------------------------------------------
-
-
-def _identify(model_name: str | None, weights: str | None, config) -> tuple[str | None, list[str]]:
-    """The registry name (given, from the file name, or the only structural match) and all matches."""
-    from dinov3_jax.models.config import structural_differences
-
-    if model_name:
-        return model_name, [model_name]
-    if weights:
-        name = model_from_filename(Path(weights).name)
-        if name:
-            return name, [name]
-    matches = [n for n, spec in MODELS.items() if not structural_differences(spec.config, config)]
-    return (matches[0] if len(matches) == 1 else None), matches
-
-
-def _pick_normalization(requested: str | None, candidates: list[str]) -> str:
-    if requested:
-        return requested
-    presets = {MODELS[n].normalization for n in candidates}
-    if len(presets) == 1:
-        return presets.pop()
-    # Same architecture trained on different data (e.g. the two ViT-7B): the file cannot tell.
-    print(
-        "dinov3-jax features: warning: cannot tell which normalisation the weights were trained with; "
-        "using 'lvd' (pass --normalization sat for satellite models)",
-        file=sys.stderr,
-    )
-    return "lvd"
-
-
-def _make_extractor(model, *, patch: bool, layers: int | None) -> Callable[[np.ndarray], dict[str, Any]]:
-    """One jitted function of a batch returning only the requested outputs, as float32."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from dinov3_jax.inference import jit_method
-
-    class Extractor(nnx.Module):
-        # `patch` and `layers` are plain Python values, so NNX keeps them static in the graph.
-        def __init__(self, backbone):
-            self.backbone = backbone
-            self.patch = patch
-            self.layers = layers
-
-        def __call__(self, x):
-            f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-            if not self.layers:
-                ff = self.backbone.forward_features(x)
-                out = {"cls": ff["x_norm_clstoken"], "registers": ff["x_storage_tokens"]}
-                if self.patch:
-                    out["patch"] = ff["x_norm_patchtokens"]
-                return {k: f32(v) for k, v in out.items()}
-            # The last block's normalised output is exactly forward_features' in eval, so one pass
-            # through the blocks gives both the final and the intermediate features.
-            per_layer = self.backbone.get_intermediate_layers(
-                x, n=self.layers, return_class_token=True, return_extra_tokens=True, norm=True
-            )
-            last_patch, last_cls, last_regs = per_layer[-1]
-            out = {
-                "cls": last_cls,
-                "registers": last_regs,
-                "layers_cls": jnp.stack([cls for _, cls, _ in per_layer], axis=1),
-            }
-            if self.patch:
-                out["patch"] = last_patch
-                out["layers_patch"] = jnp.stack([p for p, _, _ in per_layer], axis=1)
-            return {k: f32(v) for k, v in out.items()}
-
-    return jit_method(Extractor(model), "__call__")
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding ahead of the model
-# ---------------------------------------------------------------------------------------------
-
-
-def _ordered_prefetch(executor: Executor, fn: Callable, items: Iterable, window: int) -> Iterator:
-    """`executor.map(fn, items)` with at most `window` results pending: map submits everything at
-    once, which for a large folder would decode every image into memory ahead of the model."""
-    items = iter(items)
-    pending = deque(executor.submit(fn, item) for _, item in zip(range(window), items))
-    while pending:
-        future = pending.popleft()
-        for item in items:
-            pending.append(executor.submit(fn, item))
-            break
-        yield future.result()
-
-
-def _try_load(path: Path, size: tuple[int, int], normalization: str) -> tuple[np.ndarray | None, str | None]:
-    try:
-        return load_image(path, size, normalization), None
-    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
-        return None, f"{type(err).__name__}: {err}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------
 
 
 def _output_path(out: str) -> Path:
@@ -220,13 +100,10 @@ def _write(path: Path, tensors: dict[str, np.ndarray], info: dict[str, Any]) -> 
         partial.unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------------------------
-
-
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from dinov3_jax.backbone import Outputs
+    from dinov3_jax.eval.extract import extract
+    from dinov3_jax.models.registry import get_spec, stride_of
 
     # Cheap checks first, so a mistake is reported before a large checkpoint is read.
     if args.model is None and args.weights is None:
@@ -238,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
     out_path = _output_path(args.out)
     size = parse_resolution(args.resolution)
     if args.model is not None:
-        spec = get_spec(args.model)
-        check_resolution(size, spec.config.patch_size)
+        check_resolution(size, stride_of(get_spec(args.model).config))
     paths = find_images(args.input)
     if not paths:
         raise ValueError(f"no image files found in {', '.join(args.input)}")
@@ -251,97 +127,41 @@ def run(args: argparse.Namespace) -> int:
                 "(readers refuse headers over 100 MB); write --out FILE.npz instead"
             )
 
-    from dinov3_jax.weights import load_backbone
-
-    model = load_backbone(args.model, args.weights, dtype=args.dtype)
-    cfg = model.config
-    grid = check_resolution(size, cfg.patch_size)
-    if args.layers is not None and not 1 <= args.layers <= cfg.depth:
-        raise ValueError(f"--layers must be between 1 and the depth {cfg.depth}, got {args.layers}")
-    name, candidates = _identify(args.model, args.weights, cfg)
-    normalization = _pick_normalization(args.normalization, candidates)
-    if args.weights is None:
-        print(
-            f"dinov3-jax features: warning: no --weights given, so {args.model} is RANDOMLY INITIALISED; "
-            "the features only exercise the pipeline",
-            file=sys.stderr,
-        )
-
-    extract = _make_extractor(model, patch=args.patch, layers=args.layers)
-    batch_size = min(args.batch_size, len(paths))
-    h, w = size
-    outputs: dict[str, np.ndarray] = {}
-    written: list[str] = []
-    skipped: list[str] = []
-
-    def store(result, start: int, count: int) -> None:
-        for key, value in result.items():
-            value = np.asarray(value)
-            if key not in outputs:
-                # Sized for every file; trimmed at the end if some are skipped.
-                outputs[key] = np.empty((len(paths), *value.shape[1:]), np.float32)
-            outputs[key][start : start + count] = value[:count]
-
-    progress = tqdm(total=len(paths), unit="img", file=sys.stderr, desc="features", dynamic_ncols=True)
-    executor = ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="decode")
-    try:
-        loaded = _ordered_prefetch(
-            executor, lambda p: _try_load(p, size, normalization), paths, window=2 * batch_size + args.workers
-        )
-        batch = np.empty((batch_size, h, w, 3), np.float32)
-        fill = 0
-        in_flight = None  # (outputs being computed, first row, count): read back after the next dispatch
-
-        def dispatch(batch, fill):
-            nonlocal in_flight
-            if fill < batch_size:
-                batch[fill:] = 0.0  # padding rows; their outputs are dropped
-            result = extract(batch)  # asynchronous: decoding of the next batch overlaps it
-            if in_flight is not None:
-                store(*in_flight)
-                progress.update(in_flight[2])
-            in_flight = (result, len(written) - fill, fill)
-
-        for path, (image, error) in zip(paths, loaded):
-            if error is not None:
-                if args.strict:
-                    raise ValueError(f"cannot read image {path}: {error}")
-                skipped.append(str(path))
-                progress.write(f"skipping {path}: {error}", file=sys.stderr)
-                progress.update(1)
-                continue
-            batch[fill] = image
-            fill += 1
-            written.append(str(path))
-            if fill == batch_size:
-                dispatch(batch, fill)
-                batch = np.empty_like(batch)  # the dispatched one may still be read by the device
-                fill = 0
-        if fill:
-            dispatch(batch, fill)
-        if in_flight is not None:
-            store(*in_flight)
-            progress.update(in_flight[2])
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
-        progress.close()
-
-    if not written:
-        raise ValueError(f"none of the {len(paths)} image files could be read")
-    tensors = {k: np.ascontiguousarray(v[: len(written)]) for k, v in outputs.items()}
+    backbone = front_door.from_args(args, "features")
+    grid = check_resolution(size, backbone.stride)
+    request = Outputs(patch=args.patch, layers=args.layers or 0)
+    backbone.check_outputs(request)
+    result = extract(
+        backbone,
+        ImageFiles(paths),
+        transform=Resize(size),
+        outputs=request,
+        batch_size=args.batch_size,
+        num_threads=args.workers,
+        strict=args.strict,
+        progress=True,
+    )
+    for reason in result.skipped.values():
+        print(f"dinov3-jax features: skipping {reason}", file=sys.stderr)
+    # Patch maps are stored flattened, [N, h*w, D] (and [N, L, h*w, D]), as the official tokens.
+    tensors = {
+        k: np.ascontiguousarray(v.reshape(*v.shape[: v.ndim - 3], -1, v.shape[-1]) if "patch" in k else v)
+        for k, v in result.arrays.items()
+    }
+    mean, std = backbone.mean, backbone.std
     info = {
-        "files": written,
-        "skipped": skipped,
-        "model": name or f"custom ViT (width {cfg.embed_dim}, depth {cfg.depth}, patch {cfg.patch_size})",
+        "files": [str(paths[i]) for i in result.indices],
+        "skipped": [str(paths[i]) for i in result.skipped],
+        "model": backbone.description,
         "weights": str(args.weights) if args.weights else "random",
-        "resolution": [h, w],
-        "normalization": normalization,
-        "mean": list(NORMALIZATION[normalization][0]),
-        "std": list(NORMALIZATION[normalization][1]),
+        "resolution": list(size),
+        "normalization": backbone.normalization,
+        "mean": list(mean),
+        "std": list(std),
         "grid": list(grid),
         "layers": args.layers or 0,
     }
     _write(out_path, tensors, info)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
-    print(f"wrote features of {len(written)} images to {out_path} ({len(skipped)} skipped): {shapes}")
+    print(f"wrote features of {len(result)} images to {out_path} ({len(result.skipped)} skipped): {shapes}")
     return 0

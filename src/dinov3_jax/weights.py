@@ -1,26 +1,28 @@
 """Reading and writing backbone weights in three layouts, and `load_backbone`.
 
 Layouts: "meta" (the official `.pth` state dict, also a training `teacher_checkpoint.pth`),
-"hf" (a `transformers` DINOv3ViT folder or safetensors file, 4.x or 5.x keys) and "ours"
-(safetensors with our names and the config in its metadata). Reading `.pth` needs torch (the
-`[torch]` extra); everything else is numpy + safetensors. Nothing is downloaded.
+"hf" (a `transformers` DINOv3ViT or DINOv3ConvNext folder or safetensors file, 4.x or 5.x keys)
+and "ours" (safetensors with our names and the config in its metadata). ViT and ConvNeXt files
+are told apart by their keys. Reading `.pth` needs torch (the `[torch]` extra); everything else is
+numpy + safetensors. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
-from dinov3_jax.convert import hf, official
+from dinov3_jax.convert import convnext, hf, official
 from dinov3_jax.convert.ours import FORMAT_TAG, WeightsError, model_from_flat, model_to_flat, save_ours
-from dinov3_jax.models.config import ViTConfig, structural_differences
+from dinov3_jax.models.config import BackboneConfig, ConvNeXtConfig, config_from_json, structural_differences
 from dinov3_jax.models.registry import get_spec, model_from_filename
-from dinov3_jax.models.vit import DinoVisionTransformer
 
 log = logging.getLogger(__name__)
 
@@ -95,31 +97,44 @@ def read_hf_dir(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 def detect_layout(keys) -> str:
     keys = list(keys)
-    if any(k.startswith(("embeddings.", "layer.", "model.layer.")) for k in keys):
+    if any(k.startswith(("embeddings.", "layer.", "model.layer.", "layer_norm.", "model.stages.")) for k in keys):
+        return "hf"
+    if any(re.match(r"stages\.\d+\.layers\.", k) for k in keys):
         return "hf"
     return "meta"
 
 
-def read_weights(path: str | Path) -> tuple[str, dict[str, np.ndarray], ViTConfig | None]:
+def _config_from_hf(hf_config: dict[str, Any]) -> BackboneConfig:
+    if hf_config.get("model_type") == "dinov3_convnext":
+        return convnext.config_from_hf(hf_config)
+    return hf.config_from_hf(hf_config)
+
+
+def _infer_official(sd: dict[str, np.ndarray]) -> BackboneConfig:
+    sd = official.strip_wrappers(sd)
+    return convnext.infer_config(sd) if convnext.is_convnext(sd) else official.infer_config(sd)
+
+
+def read_weights(path: str | Path) -> tuple[str, dict[str, np.ndarray], BackboneConfig | None]:
     """(layout, flat arrays in that layout, the config the file states or implies, if any)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights not found: {path}")
     if path.is_dir():
         sd, hf_config = read_hf_dir(path)
-        return "hf", sd, hf.config_from_hf(hf_config)
+        return "hf", sd, _config_from_hf(hf_config)
     if path.suffix in TORCH_SUFFIXES:
         sd = read_torch(path)
         layout = detect_layout(sd)
-        return layout, sd, (official.infer_config(sd) if layout == "meta" else None)
+        return layout, sd, (_infer_official(sd) if layout == "meta" else None)
     sd, metadata = read_safetensors(path)
     if metadata.get("format") == FORMAT_TAG:
-        return "ours", sd, ViTConfig.from_json(metadata["config"])
+        return "ours", sd, config_from_json(metadata["config"])
     layout = detect_layout(sd)
     if layout == "hf":
         config_file = path.parent / "config.json"
-        return "hf", sd, hf.config_from_hf(json.loads(config_file.read_text())) if config_file.exists() else None
-    return "meta", sd, official.infer_config(sd)
+        return "hf", sd, _config_from_hf(json.loads(config_file.read_text())) if config_file.exists() else None
+    return "meta", sd, _infer_official(sd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,16 +142,21 @@ def read_weights(path: str | Path) -> tuple[str, dict[str, np.ndarray], ViTConfi
 # ---------------------------------------------------------------------------------------------
 
 
-def to_ours(layout: str, sd: dict[str, np.ndarray], cfg: ViTConfig) -> tuple[dict[str, np.ndarray], ViTConfig]:
+def to_ours(
+    layout: str, sd: dict[str, np.ndarray], cfg: BackboneConfig
+) -> tuple[dict[str, np.ndarray], BackboneConfig]:
     if layout == "ours":
         return dict(sd), cfg
+    if isinstance(cfg, ConvNeXtConfig):
+        official_sd = convnext.hf_to_official(sd) if layout == "hf" else official.strip_wrappers(sd)
+        return convnext.official_to_ours(official_sd), cfg
     if layout == "hf":
         return hf.to_ours(sd, cfg), cfg
     flat, periods = official.to_ours(sd)
     return flat, official.with_file_periods(cfg, periods)
 
 
-def resolve_config(name: str | None, found: ViTConfig | None, path: Path) -> ViTConfig:
+def resolve_config(name: str | None, found: BackboneConfig | None, path: Path) -> BackboneConfig:
     """The registry config (checked against the file's structure) or the file's own config."""
     if name is None:
         name = model_from_filename(path.name)
@@ -151,7 +171,7 @@ def resolve_config(name: str | None, found: ViTConfig | None, path: Path) -> ViT
         diffs = structural_differences(cfg, found)
         if diffs:
             raise WeightsError(f"{path} does not hold a {name} backbone:\n  " + "\n  ".join(diffs))
-        if found.rope_periods is not None:
+        if getattr(found, "rope_periods", None) is not None:
             cfg = cfg.replace(rope_periods=found.rope_periods)
     return cfg
 
@@ -164,8 +184,8 @@ def load_backbone(
     param_dtype: Any = None,
     attention_impl: str | None = None,
     seed: int = 0,
-) -> DinoVisionTransformer:
-    """A DINOv3 backbone as an NNX module.
+) -> nnx.Module:
+    """A DINOv3 backbone (`DinoVisionTransformer` or `ConvNeXt`) as an NNX module.
 
     `name` is a registry name (see `list_models()`); with `weights` (official `.pth`, HF folder or
     safetensors, or ours) the parameters come from the file, strictly: every key must be used and
@@ -182,14 +202,21 @@ def load_backbone(
     if weights is None:
         if name is None:
             raise ValueError("pass a model name, weights, or both")
+        cfg = get_spec(name).config
         from dinov3_jax.models.registry import create_backbone
 
-        return create_backbone(name, seed=seed, **options)
+        return create_backbone(_with_options(cfg, options), seed=seed)
     path = Path(weights)
     layout, sd, found = read_weights(path)
     cfg = resolve_config(name, found, path)
     flat, cfg = to_ours(layout, sd, cfg)
-    return model_from_flat(cfg.replace(**options), flat, source=str(path))
+    return model_from_flat(_with_options(cfg, options), flat, source=str(path))
+
+
+def _with_options(cfg: BackboneConfig, options: dict[str, str]) -> BackboneConfig:
+    if isinstance(cfg, ConvNeXtConfig) and options.pop("attention_impl", "xla") != "xla":
+        log.warning("a ConvNeXt has no attention: the attention kernel choice does not apply")
+    return cfg.replace(**options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,22 +224,23 @@ def load_backbone(
 # ---------------------------------------------------------------------------------------------
 
 
-def save_backbone(model: DinoVisionTransformer, out: str | Path, layout: str = "ours") -> Path:
+def save_backbone(model: nnx.Module, out: str | Path, layout: str = "ours") -> Path:
     """Writes the backbone in `layout`: "ours" (.safetensors), "meta" (.pth, or .safetensors by
     suffix) or "hf" (a folder with config.json and model.safetensors, loadable by
-    `DINOv3ViTModel.from_pretrained`)."""
+    `DINOv3ViTModel.from_pretrained` / `DINOv3ConvNextModel.from_pretrained`)."""
     return save_flat(model_to_flat(model), model.config, out, layout)
 
 
-def save_flat(flat: dict[str, np.ndarray], cfg: ViTConfig, out: str | Path, layout: str) -> Path:
+def save_flat(flat: dict[str, np.ndarray], cfg: BackboneConfig, out: str | Path, layout: str) -> Path:
     from safetensors.numpy import save_file
 
     out = Path(out)
+    is_convnext = isinstance(cfg, ConvNeXtConfig)
     if layout == "ours":
         out.parent.mkdir(parents=True, exist_ok=True)
         save_ours(out, flat, cfg)
     elif layout == "meta":
-        sd = official.from_ours(flat, cfg)
+        sd = convnext.official_from_ours(flat) if is_convnext else official.from_ours(flat, cfg)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".safetensors":
             save_file(sd, str(out))
@@ -225,8 +253,12 @@ def save_flat(flat: dict[str, np.ndarray], cfg: ViTConfig, out: str | Path, layo
                 warnings.simplefilter("ignore")
                 torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, out)
     elif layout == "hf":
-        hf_config = hf.config_to_hf(cfg)
-        sd = hf.from_ours(flat, cfg)
+        if is_convnext:
+            hf_config = convnext.config_to_hf(cfg)
+            sd = convnext.official_to_hf(convnext.official_from_ours(flat))
+        else:
+            hf_config = hf.config_to_hf(cfg)
+            sd = hf.from_ours(flat, cfg)
         out.mkdir(parents=True, exist_ok=True)
         save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
         (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

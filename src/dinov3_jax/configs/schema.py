@@ -23,6 +23,7 @@ import math
 from typing import Any, Literal
 
 from dinov3_jax.models.config import ViTConfig
+from dinov3_jax.models.registry import NORMALIZATION
 
 # Dtype names (those of dinov3_jax.models.config.DTYPES; "bf16" is bfloat16, never float16).
 DtypeName = Literal["bf16", "fp32", "fp16", "bfloat16", "float32", "float16"]
@@ -449,9 +450,9 @@ class Crops:
     # Gram-teacher crops without photometric distortions.
     gram_teacher_no_distortions: bool = False
     # Normalisation mean.
-    rgb_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    rgb_mean: tuple[float, float, float] = NORMALIZATION["lvd"][0]
     # Normalisation std.
-    rgb_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    rgb_std: tuple[float, float, float] = NORMALIZATION["lvd"][1]
     # Multi-distillation teacher/student resolution ratio (distillation is not implemented: no effect).
     teacher_to_student_resolution_scale: float = 1.0
 
@@ -862,6 +863,17 @@ def total_steps(cfg: Config) -> int:
 def schedule_steps(cfg: Config) -> int:
     """Length over which the schedules are laid out: optim.epochs × train.OFFICIAL_EPOCH_LENGTH."""
     return cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+
+
+def source_kwargs(cfg: Config, num_samples: int | None) -> dict[str, Any]:
+    """Keyword arguments of `data.sources.make_source` for the run's data (seed, sample count,
+    synthetic image size)."""
+    kw: dict[str, Any] = {"seed": cfg.train.seed}
+    if num_samples:
+        kw["num_samples"] = num_samples
+    if cfg.data.synthetic_image_size:
+        kw["image_size"] = cfg.data.synthetic_image_size
+    return kw
 
 
 def global_batch_size(cfg: Config, n_devices: int) -> int:

@@ -64,14 +64,9 @@ def to_ours(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tuple[
                 _check_bias_mask(key + "_mask", np.asarray(mask))
                 value = value * np.asarray(mask).astype(value.dtype)
             ours[key] = value
-        elif key.endswith(".weight") and _is_norm(key):
-            ours[key[: -len("weight")] + "scale"] = value
-        elif key.endswith(".weight") and value.ndim == 4:
-            ours[key[: -len("weight")] + "kernel"] = value.transpose(2, 3, 1, 0)
-        elif key.endswith(".weight") and value.ndim == 2:
-            ours[key[: -len("weight")] + "kernel"] = value.T
         else:
-            ours[key] = value
+            name, value = leaf_to_ours(key, value, key.endswith(".weight") and _is_norm(key))
+            ours[name] = value
     found_periods = None if periods is None else tuple(float(p) for p in np.asarray(periods, np.float32))
     return ours, found_periods
 
@@ -84,8 +79,20 @@ def _check_bias_mask(key: str, mask: np.ndarray) -> None:
         raise WeightsError(f"{key}: expected a 0/1 mask with a zero k third, found {mask[:8]}...")
 
 
-def from_ours(flat: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.ndarray]:
-    """Our flat dict → the official state dict, buffers included, loadable with strict=True."""
+def leaf_to_ours(key: str, value: np.ndarray, is_norm: bool) -> tuple[str, np.ndarray]:
+    """One official tensor under our name: norm `weight` → `scale`, Linear [out, in] → `kernel`
+    [in, out], conv OIHW → HWIO."""
+    if key.endswith(".weight") and is_norm:
+        return key[: -len("weight")] + "scale", value
+    if key.endswith(".weight") and value.ndim == 4:
+        return key[: -len("weight")] + "kernel", value.transpose(2, 3, 1, 0)
+    if key.endswith(".weight") and value.ndim == 2:
+        return key[: -len("weight")] + "kernel", value.T
+    return key, value
+
+
+def leaves_from_ours(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our flat dict under the official names and layouts (the inverse of `leaf_to_ours`)."""
     sd = {}
     for key, value in flat.items():
         value = np.asarray(value)
@@ -97,6 +104,12 @@ def from_ours(flat: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.nd
             sd[key[: -len("kernel")] + "weight"] = value.T
         else:
             sd[key] = value
+    return sd
+
+
+def from_ours(flat: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.ndarray]:
+    """Our flat dict → the official state dict, buffers included, loadable with strict=True."""
+    sd = leaves_from_ours(flat)
     sd[PERIODS_KEY] = np.asarray(cfg.rope_periods or default_rope_periods(cfg), np.float32)
     if cfg.qkv_bias and cfg.mask_k_bias:
         d = cfg.embed_dim

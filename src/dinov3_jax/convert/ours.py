@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dinov3_jax.models.config import ViTConfig, resolve_dtype
-from dinov3_jax.models.vit import DinoVisionTransformer
+from dinov3_jax.models.config import BackboneConfig, resolve_dtype
 
 FORMAT_TAG = "dinov3-jax"
 FORMAT_VERSION = "1"
@@ -29,23 +28,25 @@ def _path_name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def abstract_model(cfg: ViTConfig) -> DinoVisionTransformer:
+def abstract_model(cfg: BackboneConfig) -> nnx.Module:
     """The model with shapes only: nothing is allocated (a 7B model costs no memory here)."""
-    return nnx.eval_shape(lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(0)))
+    from dinov3_jax.models.registry import backbone_class
+
+    return nnx.eval_shape(lambda: backbone_class(cfg)(cfg, rngs=nnx.Rngs(0)))
 
 
-def expected_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg: BackboneConfig) -> dict[str, tuple[int, ...]]:
     state = nnx.state(abstract_model(cfg), nnx.Param)
     return {_path_name(path): tuple(var.shape) for path, var in nnx.to_flat_state(state)}
 
 
-def model_to_flat(model: DinoVisionTransformer) -> dict[str, np.ndarray]:
+def model_to_flat(model: nnx.Module) -> dict[str, np.ndarray]:
     """Every parameter as a host numpy array under its dotted name."""
     state = nnx.state(model, nnx.Param)
     return {_path_name(path): np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(state)}
 
 
-def check_flat(flat: Mapping[str, np.ndarray], cfg: ViTConfig, source: str) -> None:
+def check_flat(flat: Mapping[str, np.ndarray], cfg: BackboneConfig, source: str) -> None:
     """Raises one WeightsError naming every missing, unexpected and mis-shaped key."""
     expected = expected_shapes(cfg)
     missing = sorted(set(expected) - set(flat))
@@ -65,7 +66,7 @@ def check_flat(flat: Mapping[str, np.ndarray], cfg: ViTConfig, source: str) -> N
         raise WeightsError("\n".join(lines))
 
 
-def model_from_flat(cfg: ViTConfig, flat: Mapping[str, np.ndarray], source: str = "weights") -> DinoVisionTransformer:
+def model_from_flat(cfg: BackboneConfig, flat: Mapping[str, np.ndarray], source: str = "weights") -> nnx.Module:
     """Builds the model directly from arrays (no random initialisation happens), strictly."""
     check_flat(flat, cfg, source)
     graphdef, state = nnx.split(abstract_model(cfg))
@@ -78,7 +79,7 @@ def model_from_flat(cfg: ViTConfig, flat: Mapping[str, np.ndarray], source: str 
     return nnx.merge(graphdef, state)
 
 
-def save_ours(path, flat: Mapping[str, np.ndarray], cfg: ViTConfig) -> None:
+def save_ours(path, flat: Mapping[str, np.ndarray], cfg: BackboneConfig) -> None:
     from safetensors.numpy import save_file
 
     metadata = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "config": cfg.to_json()}

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dinov3_jax.data.images import to_rgb
+from dinov3_jax.models.registry import NORMALIZATION
 
 # Effective probabilities (see the module docstring).
 BLUR_P_GLOBAL1 = 0.0
@@ -57,8 +57,8 @@ class AugmentConfig:
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     color_jitter_prob: float = COLOR_JITTER_P
     grayscale_prob: float = GRAYSCALE_P
-    rgb_mean: tuple[float, float, float] = IMAGENET_MEAN
-    rgb_std: tuple[float, float, float] = IMAGENET_STD
+    rgb_mean: tuple[float, float, float] = NORMALIZATION["lvd"][0]
+    rgb_std: tuple[float, float, float] = NORMALIZATION["lvd"][1]
     # RECIPE.md §6.2 options of the official DataAugmentationDINO (defaults: off).
     gram_teacher_crops_size: int | None = None
     gram_teacher_no_distortions: bool = False
@@ -272,21 +272,6 @@ def normalize(img: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray
 # ---------------------------------------------------------------------------------------------
 
 
-def to_pil_rgb(image: Image.Image | np.ndarray) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise TypeError(f"array images must be uint8, got {arr.dtype}")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ValueError(f"array images must be [H, W] or [H, W, 1|3|4], got {arr.shape}")
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return Image.fromarray(np.ascontiguousarray(arr[:, :, :3]), "RGB")
-
-
 class DataAugmentationDINO:
     """``aug(image, rng) -> {"global_crops": [2, S, S, 3], "local_crops": [L, s, s, 3]}`` float32,
     plus ``"gram_teacher_crops": [2, G, G, 3]`` when ``gram_teacher_crops_size`` is set and
@@ -378,7 +363,7 @@ class DataAugmentationDINO:
         RandomResizedCrop box in source-image pixels, except for local crops with a parent, where it
         is the ``(top, left, s, s)`` window in the parent view's pixels (``flip`` is then False).
         """
-        img = to_pil_rgb(image)
+        img = to_rgb(image)
         c = self.cfg
         norm = self._normalize
         gram = c.gram_teacher_crops_size

@@ -1,4 +1,4 @@
-"""grain pipelines: the per-host training stream of multi-crop batches and the ordered k-NN eval stream.
+"""grain pipelines: the per-host training stream of multi-crop batches and the ordered evaluation stream.
 
 Training (per host, docs/training-interfaces.md)::
 
@@ -27,9 +27,11 @@ import grain
 import numpy as np
 from PIL import Image
 
-from dinov3_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, DataAugmentationDINO, to_pil_rgb
+from dinov3_jax.data.augment import AugmentConfig, DataAugmentationDINO
+from dinov3_jax.data.images import Transform, UnreadableImage, normalize, to_rgb
 from dinov3_jax.data.masking import MaskingGenerator, collate_masks, max_masked_tokens
-from dinov3_jax.data.sources import ImageSource, UnreadableImage
+from dinov3_jax.data.sources import ImageSource
+from dinov3_jax.models.registry import NORMALIZATION
 
 _SAMPLE_TAG = 0xC20F  # domain separators for the seed sequences
 _MASK_TAG = 0x1B07
@@ -337,44 +339,30 @@ def build_train_pipeline(
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation (k-NN): resize + centre crop + normalise, ordered, last batch padded
+# Evaluation: transform + normalise, ordered, last batch padded
 # ---------------------------------------------------------------------------------------------
 
 
-def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
-    """Bicubic resize so the shorter side is ``size`` (longer side ``int(size · long / short)``)."""
-    w, h = img.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
-    if (new_w, new_h) == (w, h):
-        return img
-    return img.resize((new_w, new_h), Image.BICUBIC)
-
-
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    top = round((h - size) / 2.0)
-    left = round((w - size) / 2.0)
-    return img.crop((left, top, left + size, top + size))
-
-
 class _EvalSample:
-    def __init__(self, source: ImageSource, resolution: int, resize_size: int, mean, std):
-        self.source, self.resolution, self.resize_size = source, resolution, resize_size
-        self.mean = np.asarray(mean, np.float32)
-        self.std = np.asarray(std, np.float32)
+    def __init__(self, source: ImageSource, transform: Transform, mean, std, errors: dict[int, str] | None):
+        self.source, self.transform = source, transform
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.errors = errors if errors is not None else {}
 
     def __call__(self, index: int) -> dict[str, Any]:
+        index = int(index)
         try:
-            image, label = self.source[int(index)]
-        except UnreadableImage:
-            r = self.resolution
-            return {"images": np.zeros((r, r, 3), np.float32), "labels": np.int32(-1), "valid": np.bool_(False)}
-        img = center_crop(resize_shorter_side(to_pil_rgb(image), self.resize_size), self.resolution)
-        x = (np.asarray(img, np.float32) / np.float32(255.0) - self.mean) / self.std
-        return {"images": x, "labels": np.int32(label), "valid": np.bool_(True)}
+            image, label = self.source[index]
+        except UnreadableImage as err:
+            self.errors[index] = str(err)
+            return {
+                "images": np.zeros((*self.transform.out_hw, 3), np.float32),
+                "labels": np.int32(-1),
+                "valid": np.bool_(False),
+                "index": np.int64(index),
+            }
+        x = normalize(self.transform(to_rgb(image)), self.mean, self.std)
+        return {"images": x, "labels": np.int32(label), "valid": np.bool_(True), "index": np.int64(index)}
 
 
 class _PadBatch:
@@ -385,31 +373,27 @@ class _PadBatch:
         pad = self.batch - len(b["labels"])
         if pad == 0:
             return b
-        return {
-            "images": np.concatenate([b["images"], np.zeros((pad, *b["images"].shape[1:]), np.float32)]),
-            "labels": np.concatenate([b["labels"], np.full(pad, -1, np.int32)]),
-            "valid": np.concatenate([b["valid"], np.zeros(pad, bool)]),
-        }
+        fill = {"images": 0.0, "labels": -1, "valid": False, "index": -1}
+        return {k: np.concatenate([v, np.full((pad, *v.shape[1:]), fill[k], v.dtype)]) for k, v in b.items()}
 
 
 def build_eval_pipeline(
     source: ImageSource,
-    resolution: int,
+    transform: Transform,
     batch: int,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    mean: tuple[float, float, float] = NORMALIZATION["lvd"][0],
+    std: tuple[float, float, float] = NORMALIZATION["lvd"][1],
     *,
-    resize_size: int | None = None,
     num_threads: int = 2,
+    errors: dict[int, str] | None = None,
 ) -> grain.IterDataset:
-    """Ordered batches ``{"images": [batch, R, R, 3] f32, "labels": [batch] i32, "valid": [batch]
-    bool}`` covering the source once; the last batch is padded (``valid`` False, label -1).
-    The shorter side is resized to ``resize_size`` (default ``resolution · 256 // 224``), then
-    centre-cropped. Unreadable images come back as invalid rows."""
-    if resize_size is None:
-        resize_size = resolution * 256 // 224
+    """Ordered batches ``{"images": [batch, H, W, 3] f32, "labels": [batch] i32, "valid": [batch]
+    bool, "index": [batch] i64}`` covering the source once, through `transform` and normalised
+    with `mean` / `std`; the last batch is padded (``valid`` False, label and index -1).
+    Unreadable images come back as invalid rows, and `errors` (when given) gets their reasons by
+    source index. Images are decoded in `num_threads` threads, a few batches ahead."""
     if len(source) == 0:
         raise ValueError("the evaluation source is empty")
-    ds = grain.MapDataset.range(len(source)).map(_EvalSample(source, resolution, resize_size, mean, std))
+    ds = grain.MapDataset.range(len(source)).map(_EvalSample(source, transform, mean, std, errors))
     ds = ds.batch(batch, drop_remainder=False).map(_PadBatch(batch))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))

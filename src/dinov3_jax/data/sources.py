@@ -18,9 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-)
+from dinov3_jax.data.images import IMAGE_EXTENSIONS, UnreadableImage, decode, is_image_file
 
 # Where the Debian package `dataset-fashion-mnist` installs the four idx files (gzipped).
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/dataset-fashion-mnist")
@@ -38,18 +36,6 @@ FASHION_MNIST_CLASSES = (
 )
 
 
-class UnreadableImage(Exception):
-    """An image file that exists in the index but cannot be opened or decoded."""
-
-    def __init__(self, path: str | os.PathLike, reason: str = ""):
-        super().__init__(str(path), reason)
-        self.path = str(path)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"unreadable image {self.path}" + (f": {self.reason}" if self.reason else "")
-
-
 @runtime_checkable
 class ImageSource(Protocol):
     """What the pipelines need from a data source."""
@@ -63,16 +49,6 @@ class ImageSource(Protocol):
 
     @property
     def class_names(self) -> Sequence[str]: ...
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode a file into a PIL RGB image (fully loaded), or raise :class:`UnreadableImage`."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UnreadableImage(path, f"{type(e).__name__}: {e}") from e
 
 
 def _check_index(index: int, n: int) -> int:
@@ -112,9 +88,7 @@ class FolderSource(_NamedClasses):
         if not self.root.is_dir():
             raise ValueError(f"image folder {self.root} does not exist or is not a directory")
         files = sorted(
-            p.relative_to(self.root).as_posix()
-            for p in self.root.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if is_image_file(p) and p.is_file()
         )
         if not files:
             raise ValueError(f"no images (extensions {sorted(IMAGE_EXTENSIONS)}) found under {self.root}")
@@ -132,7 +106,7 @@ class FolderSource(_NamedClasses):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         index = _check_index(index, len(self))
-        return load_image(self.root / self.files[index]), int(self.labels[index])
+        return decode(self.root / self.files[index]), int(self.labels[index])
 
 
 class FileListSource(_NamedClasses):
@@ -173,7 +147,38 @@ class FileListSource(_NamedClasses):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         index = _check_index(index, len(self))
-        return load_image(self.files[index]), int(self.labels[index])
+        return decode(self.files[index]), int(self.labels[index])
+
+
+class ImageFiles(_NamedClasses):
+    """Image files named one by one, unlabelled (what `dinov3-jax features` reads)."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        self.files = [str(p) for p in paths]
+        self.labels = np.full(len(self.files), -1, np.int32)
+        self._class_names = []
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return decode(self.files[_check_index(index, len(self))]), -1
+
+
+class InMemoryImages:
+    """Images already decoded (PIL images or uint8 arrays), unlabelled."""
+
+    def __init__(self, images: Sequence[Image.Image | np.ndarray]):
+        self.images = list(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image | np.ndarray, int]:
+        return self.images[_check_index(index, len(self))], -1
+
+    num_classes = 0
+    class_names: Sequence[str] = ()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from dinov3_jax import backbone as front_door
 from dinov3_jax.eval.knn import DEFAULT_KS
 from dinov3_jax.eval.linear import DEFAULT_LRS
-from dinov3_jax.models.registry import NORMALIZATION
 
 SOURCE_HELP = """\
 SOURCE syntax (--train uses the source's train split, --val its test/val split):
@@ -98,20 +98,13 @@ def default_cache_dir() -> Path:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="registry name (see `dinov3-jax models`); optional when --weights states it")
-    parser.add_argument(
-        "--weights", help="backbone weights (official .pth, HF folder/safetensors, ours); RANDOM init if omitted"
-    )
+    front_door.add_arguments(parser)
     parser.add_argument("--train", type=parse_source, required=True, metavar="SOURCE", help="training images")
     parser.add_argument("--val", type=parse_source, required=True, metavar="SOURCE", help="evaluation images")
     parser.add_argument(
         "--resolution", type=int, help="input size in px (default: 224 rounded to a multiple of the patch size)"
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument(
-        "--normalization", choices=sorted(NORMALIZATION), help="input mean/std preset (default: the model's)"
-    )
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), help="compute dtype of the backbone (default fp32)")
     parser.add_argument(
         "--cache-dir", type=Path, help=f"feature cache folder (default {default_cache_dir()}, or $XDG_CACHE_HOME)"
     )
@@ -184,18 +177,6 @@ def _build_source(spec: SourceSpec, split: str, resolution: int):
     return make_source(spec.kind, spec.path, split, num_samples=spec.num_samples, **kw)
 
 
-def _normalization(args, name: str | None) -> str:
-    from dinov3_jax.models.registry import get_spec, model_from_filename
-
-    if args.normalization:
-        return args.normalization
-    name = name or (model_from_filename(Path(args.weights).name) if args.weights else None)
-    if name:
-        return get_spec(name).normalization
-    print("dinov3-jax eval: warning: unknown model, using the 'lvd' (ImageNet) normalisation", file=sys.stderr)
-    return "lvd"
-
-
 def _print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     cells = [header] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -207,18 +188,20 @@ def _print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dinov3_jax.eval.features import extract_features, weights_id
-    from dinov3_jax.weights import load_backbone
+    from dinov3_jax.backbone import Outputs
+    from dinov3_jax.data.images import ResizeCrop
+    from dinov3_jax.eval.extract import extract
+    from dinov3_jax.models.registry import get_spec, stride_of
 
     if args.model is None and args.weights is None:
         raise ValueError("pass --model NAME (random weights) or --weights PATH, or both")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
 
-    def check_resolution(patch_size: int) -> int:
-        resolution = args.resolution or default_resolution(patch_size)
-        if resolution < patch_size or resolution % patch_size:
-            raise ValueError(f"--resolution {resolution} must be a positive multiple of the patch size {patch_size}")
+    def check_resolution(stride: int) -> int:
+        resolution = args.resolution or default_resolution(stride)
+        if resolution < stride or resolution % stride:
+            raise ValueError(f"--resolution {resolution} must be a positive multiple of the patch size {stride}")
         return resolution
 
     def sources_at(resolution: int):
@@ -234,45 +217,28 @@ def run(args: argparse.Namespace) -> int:
         return train_src, val_src
 
     # With a model name, the sources are checked before any weights are read.
-    early = None
-    if args.model is not None:
-        from dinov3_jax.models.registry import get_spec
-
-        early = sources_at(check_resolution(get_spec(args.model).config.patch_size))
-    model = load_backbone(args.model, args.weights, dtype=args.dtype, seed=args.seed)
-    resolution = check_resolution(model.config.patch_size)
+    early = sources_at(check_resolution(stride_of(get_spec(args.model).config))) if args.model else None
+    backbone = front_door.from_args(args, "eval", seed=args.seed)
+    resolution = check_resolution(backbone.stride)
     train_src, val_src = early or sources_at(resolution)
-    if args.weights is None:
-        print(
-            f"dinov3-jax eval: warning: no --weights given, so {args.model} is RANDOMLY INITIALISED; "
-            "the results only exercise the pipeline",
-            file=sys.stderr,
-        )
-    normalization = _normalization(args, args.model)
-    mean, std = NORMALIZATION[normalization]
 
     probe = args.probe
-    n_last_blocks = getattr(args, "n_last_blocks", 1)
-    avgpool = not getattr(args, "no_avgpool", False)
+    # Every probe extracts the linear-probe input too, so k-NN and the linear probe share one cache.
+    request = Outputs(linear_blocks=getattr(args, "n_last_blocks", 1), avgpool=not getattr(args, "no_avgpool", False))
     # §8.3: logistic regression resizes straight to the resolution (no 256/224 resize).
-    resize_size = resolution if probe == "logreg" else None
+    transform = ResizeCrop(resolution, resolution if probe == "logreg" else resolution * 256 // 224)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
-    weights_key = weights_id(args.weights) if args.weights else {"random_init_seed": args.seed}
     feats = {}
     start = time.perf_counter()
     for split, src in (("train", train_src), ("val", val_src)):
-        feats[split] = extract_features(
-            model,
+        feats[split] = extract(
+            backbone,
             src,
-            resolution=resolution,
+            transform=transform,
+            outputs=request,
             batch_size=args.batch_size,
-            mean=mean,
-            std=std,
-            n_last_blocks=n_last_blocks,
-            avgpool=avgpool,
-            resize_size=resize_size,
             cache_dir=cache_dir,
-            cache_key_parts={"weights": weights_key},
+            cache_key_parts=None if args.weights else {"random_init_seed": args.seed},
             progress=sys.stderr.isatty(),
         )
     extract_s = time.perf_counter() - start
@@ -282,14 +248,16 @@ def run(args: argparse.Namespace) -> int:
     num_classes = int(max(train_src.num_classes, train.labels.max() + 1, val.labels.max() + 1))
 
     start = time.perf_counter()
-    title = f"{probe} · {args.model or args.weights} · train {args.train.text} ({len(train)}) · val {args.val.text} ({len(val)})"
+    title = (
+        f"{probe} · {backbone.description} · train {args.train.text} ({len(train)}) · val {args.val.text} ({len(val)})"
+    )
     if probe == "knn":
         from dinov3_jax.eval.knn import knn_accuracy
 
         results: dict[str, Any] = knn_accuracy(
-            train.cls,
+            train["cls"],
             train.labels,
-            val.cls,
+            val["cls"],
             val.labels,
             ks=args.ks,
             temperature=args.temperature,
@@ -297,14 +265,14 @@ def run(args: argparse.Namespace) -> int:
         )
         ks = sorted({int(k.split("@")[1]) for k in results})
         _print_table(title, ["k", "top-1", "top-5"], [[k, results[f"top1@{k}"], results[f"top5@{k}"]] for k in ks])
-        dim = train.cls.shape[1]
+        dim = train["cls"].shape[1]
     elif probe == "linear":
         from dinov3_jax.eval.linear import train_linear_probe
 
         res = train_linear_probe(
-            train.linear,
+            train["linear"],
             train.labels,
-            val.linear,
+            val["linear"],
             val.labels,
             num_classes=num_classes,
             lrs=args.lrs,
@@ -318,15 +286,15 @@ def run(args: argparse.Namespace) -> int:
         rows = [[f"{lr:g}" + (" *" if lr == res.best_lr else ""), v["top1"], v["top5"]] for lr, v in res.per_lr.items()]
         _print_table(title, ["lr", "top-1", "top-5"], rows)
         print(f"best lr {res.best_lr:g}: top-1 {res.top1:.2f}, top-5 {res.top5:.2f} ({res.iterations} iterations)")
-        dim = train.linear.shape[1]
+        dim = train["linear"].shape[1]
     else:
         from dinov3_jax.eval.logreg import logistic_regression_eval
 
         cs = args.Cs or list(10.0 ** np.linspace(-6, 5, args.c_steps))
         res = logistic_regression_eval(
-            train.cls,
+            train["cls"],
             train.labels,
-            val.cls,
+            val["cls"],
             val.labels,
             Cs=cs,
             num_classes=num_classes,
@@ -338,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
         rows = [[f"{c:.3g}" + (" *" if c == res.best_C else ""), v] for c, v in res.val_top1.items()]
         _print_table(title, ["C", "held-out top-1"], rows)
         print(f"best C {res.best_C:.3g}: test top-1 {res.top1:.2f}, top-5 {res.top5:.2f}")
-        dim = train.cls.shape[1]
+        dim = train["cls"].shape[1]
     probe_s = time.perf_counter() - start
 
     if args.out:
@@ -349,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
             "train": args.train.text,
             "val": args.val.text,
             "resolution": resolution,
-            "normalization": normalization,
+            "normalization": backbone.normalization,
             "n_train": len(train),
             "n_val": len(val),
             "num_classes": num_classes,

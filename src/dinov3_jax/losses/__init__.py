@@ -2,9 +2,10 @@
 
 from dinov3_jax.losses.centering import sinkhorn_knopp, softmax_center, update_center
 from dinov3_jax.losses.dino import dino_loss
-from dinov3_jax.losses.gram import gram_loss, resize_patch_features
+from dinov3_jax.losses.gram import gram_loss
 from dinov3_jax.losses.ibot import ibot_loss
 from dinov3_jax.losses.koleo import koleo_loss
+from dinov3_jax.models.resize import resize_patch_features
 
 __all__ = [
     "dino_loss",

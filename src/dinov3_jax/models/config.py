@@ -1,8 +1,9 @@
-"""Configuration of the DINOv3 vision transformer (paper §3; RECIPE.md §1.1).
+"""Configurations of the DINOv3 backbones: the vision transformer (paper §3; RECIPE.md §1.1) and
+the distilled ConvNeXt (paper §5.2; RECIPE.md §2.3).
 
-Field names follow the official `DinoVisionTransformer` constructor so that recipes and checkpoints
-map one to one. The only additions are `ffn_hidden_dim` (an explicit FFN width, used when a
-Hugging Face config gives `intermediate_size` directly), `rope_periods` (periods read from a
+Field names follow the official constructors (`DinoVisionTransformer`, `ConvNeXt`) so that recipes
+and checkpoints map one to one. The ViT additions are `ffn_hidden_dim` (an explicit FFN width, used
+when a Hugging Face config gives `intermediate_size` directly), `rope_periods` (periods read from a
 checkpoint), and the compute policy (`attention_impl`, `dtype`, `param_dtype`).
 """
 
@@ -162,15 +163,91 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ViTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ViTConfig fields: {unknown}")
-        return cls(**values)
+        return _from_dict(cls, values)
 
     @classmethod
     def from_json(cls, text: str) -> ViTConfig:
         return cls.from_dict(json.loads(text))
+
+
+def _from_dict(cls, values: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known - {"family"})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+    return cls(**{k: v for k, v in values.items() if k != "family"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNeXtConfig:
+    """The DINOv3 ConvNeXt (RECIPE.md §2.3): a stem, four stages of blocks and downsampling layers."""
+
+    # Blocks per stage.
+    depths: tuple[int, ...] = (3, 3, 9, 3)
+    # Channels per stage.
+    dims: tuple[int, ...] = (96, 192, 384, 768)
+    # Input channels (3 for RGB).
+    in_chans: int = 3
+    # Stochastic depth: rates rise linearly from 0 to this over all blocks (per-sample drop path).
+    drop_path_rate: float = 0.0
+    # LayerScale (`gamma`) initial value; None means no LayerScale parameters.
+    layer_scale_init: float | None = 1e-6
+    # With a patch size, `get_intermediate_layers` resizes every stage's map to (H // p, W // p)
+    # (bilinear, antialiased), as the official training builder does with 16; the hub models leave it None.
+    patch_size: int | None = None
+    # Compute and storage dtypes.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    # Every norm (stem, downsampling, blocks, final) uses eps 1e-6 (RECIPE.md §10 item 6).
+    norm_eps = 1e-6
+    # Stem stride 4, then three 2x downsamplings: the last stage has stride 32.
+    output_stride = 32
+
+    def __post_init__(self):
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+        problems = []
+        if len(self.depths) != 4 or len(self.dims) != 4:
+            problems.append(f"depths {self.depths} and dims {self.dims} must have four stages each")
+        if min(self.depths + self.dims, default=0) < 1:
+            problems.append("depths and dims must be positive")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            problems.append(f"drop_path_rate {self.drop_path_rate} is not in [0, 1)")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                problems.append(f"{name} {getattr(self, name)!r} is not one of {sorted(DTYPES)}")
+        if problems:
+            raise ValueError("invalid ConvNeXtConfig: " + "; ".join(problems))
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the output features (the last stage's channels)."""
+        return self.dims[-1]
+
+    @property
+    def depth(self) -> int:
+        """Number of selectable intermediate outputs (`get_intermediate_layers` indexes the stages)."""
+        return len(self.depths)
+
+    def replace(self, **changes: Any) -> ConvNeXtConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps({"family": "convnext", **dataclasses.asdict(self)}, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ConvNeXtConfig:
+        return _from_dict(cls, values)
+
+
+BackboneConfig = ViTConfig | ConvNeXtConfig
+
+
+def config_from_json(text: str) -> BackboneConfig:
+    """A config written by `to_json` (ours; ViT files from before ConvNeXt carry no family)."""
+    values = json.loads(text)
+    return (ConvNeXtConfig if values.get("family") == "convnext" else ViTConfig).from_dict(values)
 
 
 # Fields that decide the parameter tree (names and shapes). Two configs that agree on these can
@@ -191,8 +268,21 @@ STRUCTURAL_FIELDS = (
 )
 
 
-def structural_differences(expected: ViTConfig, found: ViTConfig) -> list[str]:
+def structural_differences(expected: BackboneConfig, found: BackboneConfig) -> list[str]:
     """Lists the structural fields on which a checkpoint's config disagrees with the requested one."""
+    if type(expected) is not type(found):
+        return [
+            f"architecture: model is a {type(expected).__name__[:-6]}, checkpoint holds a {type(found).__name__[:-6]}"
+        ]
+    if isinstance(expected, ConvNeXtConfig):
+        diffs = [
+            f"{name}: model has {getattr(expected, name)!r}, checkpoint has {getattr(found, name)!r}"
+            for name in ("depths", "dims", "in_chans")
+            if getattr(expected, name) != getattr(found, name)
+        ]
+        if (expected.layer_scale_init is None) != (found.layer_scale_init is None):
+            diffs.append("layer scale: present in one and absent in the other")
+        return diffs
     diffs = [
         f"{name}: model has {getattr(expected, name)!r}, checkpoint has {getattr(found, name)!r}"
         for name in STRUCTURAL_FIELDS

@@ -3,7 +3,7 @@
 MLP (Linear → exact GELU → ... → Linear to the bottleneck), L2 normalisation of the bottleneck,
 then `last_layer`: a bias-free Linear onto the K prototypes, *without* the weight normalisation
 of DINO / DINOv2. DINOv3 trains two separate heads: `dino_head` on CLS tokens and `ibot_head` on
-masked patch tokens.
+masked patch tokens; `SSLModel` is a backbone with both (the student, or its EMA teacher).
 
 Names map onto the official state dict: `mlp[i]` is the official `mlp.{2i}` (the official MLP is
 an `nn.Sequential` whose odd entries are the parameter-free GELUs), `last_layer` is `last_layer`.
@@ -12,14 +12,16 @@ Dense kernels are (in, out), i.e. the transpose of PyTorch's weights.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dinov3_jax.models.config import resolve_dtype
+from dinov3_jax.models.config import ViTConfig, resolve_dtype
 from dinov3_jax.models.layers import exact_gelu, linear_init, logical
+from dinov3_jax.models.vit import DinoVisionTransformer
 
 Array = jax.Array
 
@@ -133,3 +135,39 @@ class DINOHead(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         return self.apply_last_layer(self.mlp_and_norm(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    n_prototypes: int
+    bottleneck_dim: int
+    hidden_dim: int
+    nlayers: int = 3
+    # DINO v1/v2 weight-normalised prototypes (cosine logits); DINOv3: False.
+    norm_last_layer: bool = False
+    # Std of the prototypes' initialisation (DINOv3: 0.02).
+    last_layer_init_std: float = 0.02
+
+
+class SSLModel(nnx.Module):
+    """Backbone with its DINO (CLS) and iBOT (patch) heads: the student, or its EMA teacher."""
+
+    def __init__(self, vit: ViTConfig, dino_head: HeadConfig, ibot_head: HeadConfig, *, rngs: nnx.Rngs):
+        self.backbone = DinoVisionTransformer(vit, rngs=rngs)
+
+        def head(h: HeadConfig) -> DINOHead:
+            return DINOHead(
+                vit.embed_dim,
+                h.n_prototypes,
+                hidden_dim=h.hidden_dim,
+                bottleneck_dim=h.bottleneck_dim,
+                nlayers=h.nlayers,
+                norm_last_layer=h.norm_last_layer,
+                last_layer_init_std=h.last_layer_init_std,
+                dtype=vit.dtype,
+                param_dtype=vit.param_dtype,
+                rngs=rngs,
+            )
+
+        self.dino_head = head(dino_head)
+        self.ibot_head = head(ibot_head)

@@ -1,4 +1,4 @@
-"""Named DINOv3 backbones with the exact hyper-parameters of the released models (RECIPE.md §1.11).
+"""Named DINOv3 backbones with the exact hyper-parameters of the released models (RECIPE.md §1.11, §2.3).
 
 Each entry also names its input normalisation (LVD-1689M: ImageNet statistics; SAT-493M: the
 satellite statistics) and the hash that the official file names carry, so a file such as
@@ -12,7 +12,7 @@ import difflib
 
 from flax import nnx
 
-from dinov3_jax.models.config import ViTConfig
+from dinov3_jax.models.config import BackboneConfig, ConvNeXtConfig, ViTConfig
 
 NORMALIZATION = {
     "lvd": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -22,7 +22,7 @@ NORMALIZATION = {
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    config: ViTConfig
+    config: BackboneConfig
     # Key of NORMALIZATION the weights were trained with.
     normalization: str = "lvd"
     # Hash in the official weight file name, when released.
@@ -99,11 +99,23 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "dinov3_vit7b16": ModelSpec(_VIT_7B, "lvd", "a955f4ea", 6_716_043_264),
     "dinov3_vit7b16_sat": ModelSpec(_VIT_7B, "sat", "a6675841", 6_716_043_264),
+    # The ConvNeXt distilled from the ViT-7B (RECIPE.md §2.3); counts are backbone + final norm.
+    "dinov3_convnext_tiny": ModelSpec(ConvNeXtConfig((3, 3, 9, 3), (96, 192, 384, 768)), "lvd", "21b726bb", 27_820_128),
+    "dinov3_convnext_small": ModelSpec(
+        ConvNeXtConfig((3, 3, 27, 3), (96, 192, 384, 768)), "lvd", "296db49d", 49_454_688
+    ),
+    "dinov3_convnext_base": ModelSpec(
+        ConvNeXtConfig((3, 3, 27, 3), (128, 256, 512, 1024)), "lvd", "801f2ba9", 87_566_464
+    ),
+    "dinov3_convnext_large": ModelSpec(
+        ConvNeXtConfig((3, 3, 27, 3), (192, 384, 768, 1536)), "lvd", "61fa432d", 196_230_336
+    ),
     # Tiny variants with every option of the released models switched on, for tests and CPU runs.
     "dinov3_vit_tiny": ModelSpec(_released(embed_dim=64, depth=3, num_heads=4, ffn_ratio=4.0)),
     "dinov3_vit_tiny_swiglu": ModelSpec(
         _released(embed_dim=64, depth=3, num_heads=4, ffn_ratio=4.0, ffn_layer="swiglu")
     ),
+    "dinov3_convnext_test": ModelSpec(ConvNeXtConfig((1, 2, 1, 1), (8, 16, 32, 64))),
 }
 
 
@@ -128,11 +140,25 @@ def model_from_filename(filename: str) -> str | None:
     return None
 
 
-def create_backbone(name_or_config: str | ViTConfig, *, seed: int = 0, **overrides):
-    """A randomly initialised backbone (official init, RECIPE.md §1.10) from a name or a config."""
+def stride_of(cfg: BackboneConfig) -> int:
+    """Pixels per output feature: the ViT patch size, or a ConvNeXt's output stride (32)."""
+    return cfg.output_stride if isinstance(cfg, ConvNeXtConfig) else cfg.patch_size
+
+
+def backbone_class(cfg: BackboneConfig) -> type[nnx.Module]:
+    """The module class of a config: `ConvNeXt` or `DinoVisionTransformer`."""
+    if isinstance(cfg, ConvNeXtConfig):
+        from dinov3_jax.models.convnext import ConvNeXt
+
+        return ConvNeXt
     from dinov3_jax.models.vit import DinoVisionTransformer
 
+    return DinoVisionTransformer
+
+
+def create_backbone(name_or_config: str | BackboneConfig, *, seed: int = 0, **overrides) -> nnx.Module:
+    """A randomly initialised backbone (official init, RECIPE.md §1.10, §2.3) from a name or a config."""
     cfg = get_spec(name_or_config).config if isinstance(name_or_config, str) else name_or_config
     if overrides:
         cfg = cfg.replace(**overrides)
-    return DinoVisionTransformer(cfg, rngs=nnx.Rngs(seed))
+    return backbone_class(cfg)(cfg, rngs=nnx.Rngs(seed))

@@ -29,19 +29,20 @@ from dinov3_jax.configs import (
     config_to_yaml,
     global_batch_size,
     schedule_steps,
+    source_kwargs,
     student_vit_config,
     total_steps,
     validate_for_devices,
 )
-from dinov3_jax.data.pipeline import CropPairs, build_eval_pipeline, build_train_pipeline
+from dinov3_jax.data.pipeline import build_train_pipeline
 from dinov3_jax.data.sources import make_source
-from dinov3_jax.eval.features import extract_features
-from dinov3_jax.eval.knn import knn_accuracy
+from dinov3_jax.eval.knn import KnnEvaluator, knn_split_problem
+from dinov3_jax.models.heads import HeadConfig, SSLModel
 from dinov3_jax.models.vit import DinoVisionTransformer
 from dinov3_jax.train.optim import optimizer_from_config
 from dinov3_jax.train.schedules import build_schedules, gram_teacher_copies
 from dinov3_jax.train.start import NO_PATH, place_like, read_start_weights, restore_run_state
-from dinov3_jax.train.step import GramConfig, HeadConfig, LossConfig, SSLModel, make_train_step, to_sample_major
+from dinov3_jax.train.step import GramConfig, LossConfig, make_train_step, to_sample_major
 from dinov3_jax.utils.metrics import MetricsWriter
 from dinov3_jax.weights import save_backbone
 
@@ -122,89 +123,6 @@ def loss_config(cfg: Config, n_devices: int, global_batch: int) -> LossConfig:
 def uses_gram_teacher(cfg: Config) -> bool:
     """A separate, frozen Gram teacher is part of the train state."""
     return cfg.gram.use_loss and not cfg.gram.ema_teacher
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation: k-NN of the teacher backbone on the labelled split (RECIPE.md §8.1)
-# ---------------------------------------------------------------------------------------------
-
-
-def raw_pixel_features(pipeline) -> tuple[np.ndarray, np.ndarray]:
-    feats, labels = [], []
-    for batch in pipeline:
-        valid = np.asarray(batch["valid"], bool)
-        feats.append(np.asarray(batch["images"])[valid].reshape(int(valid.sum()), -1))
-        labels.append(np.asarray(batch["labels"])[valid])
-    return np.concatenate(feats), np.concatenate(labels)
-
-
-def knn_split_problem(cfg: Config) -> str | None:
-    """Why the periodic k-NN cannot run (no labels, or no held-out split), or None when it can.
-
-    k-NN uses the train split as memory and the test/val split as queries: a folder needs class
-    subfolders and a `val`/`test` sibling of `train` (or `data.val_path`), a file list needs
-    `data.val_path`; the synthetic and Fashion-MNIST sources have both splits built in."""
-    d = cfg.data
-    kind = (d.val_source or d.source).lower()
-    path = d.val_path or d.path
-    if kind in ("synthetic", "fashion_mnist", "fashionmnist", "fmnist"):
-        return None
-    if kind in ("filelist", "file_list", "list"):
-        return None if d.val_path else "a file list has no held-out split (set data.val_path)"
-    root = Path(path)
-    held_out = [s for s in ("val", "validation", "test") if (root / s).is_dir()]
-    if not held_out or not (root / "train").is_dir():
-        return f"{root} has no train/ and val/ (or test/) subfolders"
-    if not make_source(kind, path, split="test").num_classes:
-        return f"{root / held_out[0]} has no class subfolders (no labels)"
-    return None
-
-
-class KnnEvaluator:
-    """k-NN on a labelled train/val pair at the global-crop resolution."""
-
-    def __init__(self, cfg: Config, mesh=None):
-        d = cfg.data
-        self.train_source = make_source(
-            d.val_source or d.source, d.val_path or d.path, split="train", **_source_kwargs(cfg, d.knn_train_samples)
-        )
-        self.val_source = make_source(
-            d.val_source or d.source, d.val_path or d.path, split="test", **_source_kwargs(cfg, d.knn_val_samples)
-        )
-        self.kw = dict(
-            resolution=CropPairs.from_crops(cfg.crops).global_sizes[0],
-            mean=tuple(cfg.crops.rgb_mean),
-            std=tuple(cfg.crops.rgb_std),
-        )
-        self.batch_size = cfg.runtime.eval_batch_size
-        self.mesh = mesh
-        self.ks = tuple(cfg.runtime.knn_k)
-        self.num_classes = self.train_source.num_classes
-
-    def __call__(self, backbone: DinoVisionTransformer) -> dict[str, float]:
-        # The same sharded extraction as `dinov3-jax eval` (no disk cache: the weights change).
-        train, val = (
-            extract_features(backbone, src, batch_size=self.batch_size, mesh=self.mesh, **self.kw)
-            for src in (self.train_source, self.val_source)
-        )
-        return knn_accuracy(train.cls, train.labels, val.cls, val.labels, ks=self.ks, num_classes=self.num_classes)
-
-    def raw_pixels(self) -> dict[str, float]:
-        train_pipe, val_pipe = (
-            build_eval_pipeline(s, batch=self.batch_size, **self.kw) for s in (self.train_source, self.val_source)
-        )
-        return knn_accuracy(
-            *raw_pixel_features(train_pipe), *raw_pixel_features(val_pipe), ks=self.ks, num_classes=self.num_classes
-        )
-
-
-def _source_kwargs(cfg: Config, num_samples: int | None) -> dict[str, Any]:
-    kw: dict[str, Any] = {"seed": cfg.train.seed}
-    if num_samples:
-        kw["num_samples"] = num_samples
-    if cfg.data.synthetic_image_size:
-        kw["image_size"] = cfg.data.synthetic_image_size
-    return kw
 
 
 def opt_state_shardings(tx, params, param_sh, repl):
@@ -400,7 +318,7 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
         print(f"continuing {cfg.train.continue_from} from its step {start}")
 
     # ------------------------------------------------------------------ Data
-    source = make_source(cfg.data.source, cfg.data.path, split="train", **_source_kwargs(cfg, cfg.data.num_samples))
+    source = make_source(cfg.data.source, cfg.data.path, split="train", **source_kwargs(cfg, cfg.data.num_samples))
     crops = cfg.crops if uses_gram_teacher(cfg) else dataclasses.replace(cfg.crops, gram_teacher_crops_size=None)
     pipeline = build_train_pipeline(
         source,

@@ -37,49 +37,11 @@ from dinov3_jax.losses import (
     softmax_center,
     update_center,
 )
-from dinov3_jax.models.config import ViTConfig
-from dinov3_jax.models.heads import DINOHead
-from dinov3_jax.models.vit import DinoVisionTransformer
+from dinov3_jax.models.heads import SSLModel
 from dinov3_jax.train.optim import submodule_norms
 
 Array = jax.Array
 PyTree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class HeadConfig:
-    n_prototypes: int
-    bottleneck_dim: int
-    hidden_dim: int
-    nlayers: int = 3
-    # DINO v1/v2 weight-normalised prototypes (cosine logits); DINOv3: False.
-    norm_last_layer: bool = False
-    # Std of the prototypes' initialisation (DINOv3: 0.02).
-    last_layer_init_std: float = 0.02
-
-
-class SSLModel(nnx.Module):
-    """Backbone with its DINO (CLS) and iBOT (patch) heads: the student, or its EMA teacher."""
-
-    def __init__(self, vit: ViTConfig, dino_head: HeadConfig, ibot_head: HeadConfig, *, rngs: nnx.Rngs):
-        self.backbone = DinoVisionTransformer(vit, rngs=rngs)
-
-        def head(h: HeadConfig) -> DINOHead:
-            return DINOHead(
-                vit.embed_dim,
-                h.n_prototypes,
-                hidden_dim=h.hidden_dim,
-                bottleneck_dim=h.bottleneck_dim,
-                nlayers=h.nlayers,
-                norm_last_layer=h.norm_last_layer,
-                last_layer_init_std=h.last_layer_init_std,
-                dtype=vit.dtype,
-                param_dtype=vit.param_dtype,
-                rngs=rngs,
-            )
-
-        self.dino_head = head(dino_head)
-        self.ibot_head = head(ibot_head)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +155,7 @@ def teacher_targets(teacher: SSLModel, batch: dict, temp: Array, centers: dict, 
     return targets, new_centers, jax.lax.stop_gradient(all_patches)
 
 
-def gram_targets(gram_teacher: DinoVisionTransformer, batch: dict, grid: tuple[int, int], gc: GramConfig) -> Array:
+def gram_targets(gram_teacher: nnx.Module, batch: dict, grid: tuple[int, int], gc: GramConfig) -> Array:
     """The Gram teacher's patch features [2B, h·w, D] of the global crops (or of the Gram-teacher
     crops, the same views at a higher resolution), resized to the student's patch grid `grid`."""
     crops = batch.get("gram_teacher_crops", batch["global_crops"])

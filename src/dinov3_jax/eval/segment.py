@@ -1,6 +1,7 @@
 """Linear segmentation probe on frozen patch features, reported as mIoU (RECIPE.md §8; issue 4 §2).
 
-The backbone is frozen: every image is run once and its final-normed patch tokens [h, w, D] are
+The backbone is frozen: every image goes once through the shared extraction loop
+(`eval.extract`) and its final-normed patch tokens [h, w, D] (a ConvNeXt's stride-32 map) are
 kept in memory. A linear layer D → C per patch (on features standardised with the training-set
 mean and standard deviation, a frozen stand-in for the BatchNorm of the official linear head)
 gives logits [h, w, C], which are bilinearly upsampled to the mask resolution and trained with
@@ -24,16 +25,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from flax import nnx
 from PIL import Image
 
-from dinov3_jax.data.preprocess import IMAGE_EXTENSIONS, load_rgb, mean_std, parse_resolution, preprocess
+from dinov3_jax import backbone as front_door
+from dinov3_jax.backbone import Backbone, Outputs
+from dinov3_jax.data.images import Resize, check_resolution, decode, images_by_stem, parse_resolution
 from dinov3_jax.data.sources import SYNTHETIC_CLASSES, SyntheticSource
+from dinov3_jax.eval.extract import extract
 
 IGNORE_INDEX = 255
 
@@ -77,12 +81,8 @@ class MaskFolder:
         images_dir, masks_dir = root / "images", root / "masks"
         if not images_dir.is_dir() or not masks_dir.is_dir():
             raise FileNotFoundError(f"{root}: expected the folders images/ and masks/ (see dinov3_jax.eval.dense)")
-        masks = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
-        self.items = [
-            (p, masks[p.stem])
-            for p in sorted(images_dir.iterdir())
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem in masks
-        ]
+        masks = images_by_stem(masks_dir)
+        self.items = [(p, masks[stem]) for stem, p in images_by_stem(images_dir).items() if stem in masks]
         if not self.items:
             raise ValueError(f"{root}: no image in images/ has a mask of the same name in masks/")
         self.root = root
@@ -93,7 +93,7 @@ class MaskFolder:
 
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray]:
         image_path, mask_path = self.items[index]
-        return load_rgb(image_path), read_mask(mask_path)
+        return decode(image_path), read_mask(mask_path)
 
     @property
     def num_classes(self) -> int:
@@ -145,46 +145,36 @@ def make_segmentation_source(
     return MaskFolder(data, split)
 
 
-def load_pairs(
-    source: SegmentationSource, size: tuple[int, int], normalization: str = "lvd"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Images [N, H, W, 3] float32 (resized bilinear, normalised) and masks [N, H, W] uint8 (nearest)."""
-    mean, std = mean_std(normalization)
+class _ImagesOf:
+    """The images of a segmentation source as an unlabelled image source (for `eval.extract`)."""
+
+    def __init__(self, source: SegmentationSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        return self.source[index][0], -1
+
+    num_classes = 0
+    class_names: Sequence[str] = ()
+
+
+def masks_at(source: SegmentationSource, size: tuple[int, int]) -> np.ndarray:
+    """The masks [N, H, W] uint8, resized to `size` with nearest-neighbour interpolation."""
     h, w = size
-    images = np.empty((len(source), h, w, 3), np.float32)
-    masks = np.empty((len(source), h, w), np.uint8)
-    for i in range(len(source)):
-        image, mask = source[i]
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        images[i] = preprocess(image, size, mean, std)
-        masks[i] = np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST))
-    return images, masks
+    return np.stack(
+        [np.asarray(Image.fromarray(source[i][1]).resize((w, h), Image.Resampling.NEAREST)) for i in range(len(source))]
+    )
 
 
-# ---------------------------------------------------------------------------------------------
-# Features
-# ---------------------------------------------------------------------------------------------
-
-
-def extract_patch_features(model, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Final-normed patch tokens [N, h, w, D] (float32) of NHWC images, in batches (last one padded)."""
-    from dinov3_jax.inference import jit_method
-
-    fn = jit_method(model, "get_intermediate_layers", n=1, reshape=True)
-    n = len(images)
-    batch_size = max(1, min(batch_size, n))
-    out = None
-    for start in range(0, n, batch_size):
-        chunk = images[start : start + batch_size]
-        count = len(chunk)
-        if count < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - count, *chunk.shape[1:]), chunk.dtype)])
-        feats = np.asarray(fn(chunk)[0], np.float32)
-        if out is None:
-            out = np.empty((n, *feats.shape[1:]), np.float32)
-        out[start : start + count] = feats[:count]
-    return out
+def patch_features(backbone: Backbone, source: SegmentationSource, size: tuple[int, int]) -> np.ndarray:
+    """Final-normed patch features [N, h, w, D] of the source's images resized to `size`."""
+    result = extract(backbone, _ImagesOf(source), transform=Resize(size), outputs=Outputs(patch=True), batch_size=16)
+    if len(result) != len(source):
+        raise ValueError(f"{len(source) - len(result)} images could not be read: {list(result.skipped.values())[:3]}")
+    return result["patch"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,12 +322,11 @@ def evaluate_segmenter(
 
 
 def run_segmentation_probe(
-    model,
+    backbone: Backbone | nnx.Module,
     train: SegmentationSource,
     val: SegmentationSource,
     *,
     resolution: int | str | Sequence[int] = 224,
-    normalization: str = "lvd",
     num_classes: int | None = None,
     steps: int = 500,
     batch_size: int = 16,
@@ -346,16 +335,15 @@ def run_segmentation_probe(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Extract features of both splits, train the probe on `train`, report metrics on `val`
-    (with the mIoU of always predicting class 0, as a floor)."""
-    from dinov3_jax.data.preprocess import check_resolution
-
+    (with the mIoU of always predicting class 0, as a floor). A bare module is taken with the
+    LVD normalisation."""
+    if not isinstance(backbone, Backbone):
+        backbone = Backbone(backbone)
     size = parse_resolution(resolution)
-    check_resolution(size, model.config.patch_size)
+    check_resolution(size, backbone.stride)
     num_classes = num_classes or train.num_classes
-    train_x, train_y = load_pairs(train, size, normalization)
-    val_x, val_y = load_pairs(val, size, normalization)
-    train_f = extract_patch_features(model, train_x)
-    val_f = extract_patch_features(model, val_x)
+    train_y, val_y = masks_at(train, size), masks_at(val, size)
+    train_f, val_f = patch_features(backbone, train, size), patch_features(backbone, val, size)
     probe = train_linear_segmenter(
         train_f, train_y, num_classes, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed
     )
@@ -365,8 +353,8 @@ def run_segmentation_probe(
     metrics.update(
         num_classes=num_classes,
         resolution=list(size),
-        n_train=len(train_x),
-        n_val=len(val_x),
+        n_train=len(train_y),
+        n_val=len(val_y),
         all_background_miou=floor["miou"],
     )
     return metrics
@@ -383,8 +371,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "DATA is 'synthetic' (built-in shapes with masks) or a folder with images/ and masks/ "
         "(optionally under train/ and val/); masks hold a class id per pixel, 255 = ignore."
     )
-    parser.add_argument("--model", help="registry name; optional when --weights states it")
-    parser.add_argument("--weights", help="backbone weights; random init (with a warning) when omitted")
+    front_door.add_arguments(parser)
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a folder of image/mask pairs")
     parser.add_argument("--resolution", default="224", help="input size N or HxW, a multiple of the patch size")
     parser.add_argument("--num-classes", type=int, help="default: the largest label in the training masks + 1")
@@ -394,30 +381,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--normalization", help="input mean/std preset (lvd or sat); default: the model's")
     parser.add_argument("--out", help="also write the results as JSON to this file")
 
 
 def run(args: argparse.Namespace) -> int:
-    from dinov3_jax.models.registry import get_spec
-    from dinov3_jax.weights import load_backbone
-
-    if args.model is None and args.weights is None:
-        raise ValueError("pass --model NAME (random weights) or --weights PATH, or both")
-    model = load_backbone(args.model, args.weights)
-    if args.weights is None:
-        print(f"warning: no --weights given, so {args.model} is RANDOMLY INITIALISED", file=sys.stderr)
-    normalization = args.normalization or (get_spec(args.model).normalization if args.model else "lvd")
+    backbone = front_door.from_args(args, "segment")
     size = parse_resolution(args.resolution)
     kw = dict(num_samples=args.synthetic_samples, image_size=max(size), binary=args.binary)
     train = make_segmentation_source(args.data, "train", **kw)
     val = make_segmentation_source(args.data, "val", **kw)
     result = run_segmentation_probe(
-        model,
+        backbone,
         train,
         val,
         resolution=size,
-        normalization=normalization,
         num_classes=args.num_classes,
         steps=args.steps,
         batch_size=args.batch_size,

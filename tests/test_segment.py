@@ -1,4 +1,4 @@
-"""Linear segmentation probe (dinov3_jax.eval.dense): mIoU arithmetic, datasets, and learning."""
+"""Linear segmentation probe (dinov3_jax.eval.segment): mIoU arithmetic, datasets, and learning."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from dinov3_jax.eval import dense
+from dinov3_jax.eval import segment
 from dinov3_jax.models.registry import create_backbone
 from dinov3_jax.weights import load_backbone
 
@@ -51,9 +51,9 @@ def test_miou_matches_numpy_formula_on_hand_made_maps():
             [2, 2, 0, 3],
         ]
     )
-    conf = dense.confusion_matrix(pred, target, 4)
+    conf = segment.confusion_matrix(pred, target, 4)
     assert conf.sum() == 15  # the 255 pixel is skipped
-    metrics = dense.segmentation_metrics(conf)
+    metrics = segment.segmentation_metrics(conf)
     # By hand: class 0: tp 4, gt 6, pred 6 → 4/8; class 1: tp 4, gt 5, pred 5 → 4/6;
     # class 2: tp 3, gt 4, pred 3 → 3/4; class 3: tp 0, gt 0, pred 1 → 0.
     expected = [4 / 8, 4 / 6, 3 / 4, 0.0]
@@ -71,7 +71,7 @@ def test_miou_random_maps_and_absent_classes():
         target = rng.integers(0, 5, (3, 9, 7))
         target[rng.random(target.shape) < 0.1] = 255
         pred = rng.integers(0, 4, (3, 9, 7))  # class 4 never predicted
-        m = dense.segmentation_metrics(dense.confusion_matrix(pred, target, 6))
+        m = segment.segmentation_metrics(segment.confusion_matrix(pred, target, 6))
         miou, acc = reference_miou(pred, target, 6)
         assert m["miou"] == pytest.approx(miou)
         assert m["pixel_accuracy"] == pytest.approx(acc)
@@ -79,13 +79,13 @@ def test_miou_random_maps_and_absent_classes():
 
 
 def test_synthetic_masks():
-    multi = dense.SyntheticMasks(12, image_size=32)
+    multi = segment.SyntheticMasks(12, image_size=32)
     assert multi.num_classes == 11 and len(multi.class_names) == 11
     for i in range(12):
         image, mask = multi[i]
         assert image.shape == (32, 32, 3) and mask.shape == (32, 32)
         assert set(np.unique(mask)) <= {0, i % 10 + 1}
-    binary = dense.SyntheticMasks(4, image_size=32, binary=True)
+    binary = segment.SyntheticMasks(4, image_size=32, binary=True)
     assert binary.num_classes == 2
     assert set(np.unique(binary[0][1])) <= {0, 1}
 
@@ -117,14 +117,14 @@ def test_mask_folder_layout(tmp_path):
     (tmp_path / "train" / "images" / "no_mask.png").write_bytes(
         (tmp_path / "train" / "images" / "000.png").read_bytes()
     )
-    train = dense.MaskFolder(tmp_path, "train")
+    train = segment.MaskFolder(tmp_path, "train")
     assert len(train) == 3  # the image without a mask is left out
     assert train.num_classes == 3  # 255 is not a class
     image, mask = train[0]
     assert image.mode == "RGB" and mask.dtype == np.uint8 and 255 in mask
-    assert len(dense.MaskFolder(tmp_path, "val")) == 2
+    assert len(segment.MaskFolder(tmp_path, "val")) == 2
     with pytest.raises(FileNotFoundError):
-        dense.MaskFolder(tmp_path / "train" / "images")
+        segment.MaskFolder(tmp_path / "train" / "images")
 
 
 def test_probe_learns_from_tiny_model_features(tmp_path):
@@ -132,10 +132,10 @@ def test_probe_learns_from_tiny_model_features(tmp_path):
     of even a randomly initialised tiny model carry colour, and the probe must learn it."""
     write_mask_folder(tmp_path, "train", 24, 0)
     write_mask_folder(tmp_path, "val", 8, 1)
-    result = dense.run_segmentation_probe(
+    result = segment.run_segmentation_probe(
         tiny(),
-        dense.MaskFolder(tmp_path, "train"),
-        dense.MaskFolder(tmp_path, "val"),
+        segment.MaskFolder(tmp_path, "train"),
+        segment.MaskFolder(tmp_path, "val"),
         resolution=64,
         steps=150,
         lr=3e-2,
@@ -152,7 +152,7 @@ def test_probe_learns_the_builtin_masks():
     average-pooled per patch, one-hot, plus noise): the training loop, upsampling and loss."""
     h = w = 8
     size = 64
-    train, val = dense.SyntheticMasks(32, image_size=size), dense.SyntheticMasks(8, image_size=size, split="val")
+    train, val = segment.SyntheticMasks(32, image_size=size), segment.SyntheticMasks(8, image_size=size, split="val")
 
     def oracle_features(source, seed):
         rng = np.random.default_rng(seed)
@@ -163,9 +163,9 @@ def test_probe_learns_the_builtin_masks():
 
     train_f, train_y = oracle_features(train, 0)
     val_f, val_y = oracle_features(val, 1)
-    probe = dense.train_linear_segmenter(train_f, train_y, 11, steps=200, lr=5e-2)
-    metrics = dense.evaluate_segmenter(probe, val_f, val_y)
-    floor = dense.segmentation_metrics(dense.confusion_matrix(np.zeros_like(val_y), val_y, 11))
+    probe = segment.train_linear_segmenter(train_f, train_y, 11, steps=200, lr=5e-2)
+    metrics = segment.evaluate_segmenter(probe, val_f, val_y)
+    floor = segment.segmentation_metrics(segment.confusion_matrix(np.zeros_like(val_y), val_y, 11))
     assert metrics["miou"] > 0.6, metrics
     assert metrics["miou"] > floor["miou"] + 0.4
     assert metrics["pixel_accuracy"] > 0.9
@@ -175,10 +175,10 @@ def test_probe_learns_the_builtin_masks_from_backbone_features():
     """The built-in images through a real (randomly initialised) tiny ViT with 8-px patches: its
     patch features carry the dark-on-light shapes, and the probe must turn them into
     foreground masks at pixel resolution, well above always predicting background."""
-    train = dense.SyntheticMasks(32, image_size=64, binary=True)
-    val = dense.SyntheticMasks(16, image_size=64, split="val", binary=True)
+    train = segment.SyntheticMasks(32, image_size=64, binary=True)
+    val = segment.SyntheticMasks(16, image_size=64, split="val", binary=True)
     model = create_backbone("dinov3_vit_tiny", patch_size=8)
-    result = dense.run_segmentation_probe(model, train, val, resolution=64, steps=200, lr=1e-2)
+    result = segment.run_segmentation_probe(model, train, val, resolution=64, steps=200, lr=1e-2)
     assert result["num_classes"] == 2 and result["n_train"] == 32
     assert result["miou"] > 0.6, result
     assert result["miou"] > result["all_background_miou"] + 0.2, result
@@ -187,11 +187,11 @@ def test_probe_learns_the_builtin_masks_from_backbone_features():
 def test_builtin_masks_through_the_cli(tmp_path):
     """`dinov3-jax eval seg` on the built-in dataset writes its metrics, and the probe learns."""
     parser = argparse.ArgumentParser()
-    dense.add_arguments(parser)
+    segment.add_arguments(parser)
     out = tmp_path / "seg.json"
     flags = "--model dinov3_vit_tiny --resolution 128 --binary --synthetic-samples 16 --steps 100 --lr 1e-2"
     args = parser.parse_args([*flags.split(), "--out", str(out)])
-    assert dense.run(args) == 0
+    assert segment.run(args) == 0
     result = json.loads(out.read_text())
     assert result["num_classes"] == 2 and result["n_train"] == 16
     for key in ("miou", "pixel_accuracy", "all_background_miou"):
@@ -208,4 +208,4 @@ def test_pixel_cross_entropy_ignores_255():
         [np.log(np.exp(logits[0, 0, 0, 0]) / np.exp(logits[0, 0, 0]).sum()),
          np.log(np.exp(logits[0, 1, 0, 2]) / np.exp(logits[0, 1, 0]).sum())]
     )  # fmt: skip
-    assert float(dense.pixel_cross_entropy(logits, labels)) == pytest.approx(expected, rel=1e-5)
+    assert float(segment.pixel_cross_entropy(logits, labels)) == pytest.approx(expected, rel=1e-5)
