@@ -1,8 +1,8 @@
 """One way in for every frozen-backbone tool: a loaded backbone that knows what it is.
 
-`load(model, weights)` resolves the registry name once (given; else the official hash in the file
-name; else the only registry entry of the same structure), and with it the normalisation the
-weights were trained with (LVD-1689M or SAT-493M statistics, RECIPE.md §1.11). The resulting
+`load(model, weights)` takes the registry name that reading the weights resolved (given; else the
+official hash in the file name; else the only registry entry of the same structure), and with it
+the normalisation the weights were trained with (LVD-1689M or SAT-493M statistics, RECIPE.md §1.11). The resulting
 `Backbone` holds the NNX module (a `DinoVisionTransformer` or a `ConvNeXt`) with that identity,
 its stride (the ViT patch size; 32 for a ConvNeXt) and `outputs`, the one pure function from
 images to the features the tools ask for (`Outputs`). `features`, `eval`, `segment`, `show` and the
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dinov3_jax.models.config import ConvNeXtConfig, structural_differences
-from dinov3_jax.models.registry import MODELS, NORMALIZATION, get_spec, model_from_filename, stride_of
+from dinov3_jax.models.config import ConvNeXtConfig
+from dinov3_jax.models.registry import MODELS, NORMALIZATION, get_spec, registry_matches, stride_of
 
 log = logging.getLogger(__name__)
 
@@ -157,21 +157,6 @@ def compute_outputs(module: nnx.Module, x_bhwc: jax.Array, request: Outputs) -> 
     return out
 
 
-def resolve_name(model: str | None, weights: str | None, config) -> tuple[str | None, list[str]]:
-    """The registry name (given, from the file name, or the only structural match) and all matches."""
-    if model:
-        return model, [model]
-    if weights:
-        name = model_from_filename(Path(weights).name)
-        if name:
-            return name, [name]
-    matches = [
-        n for n, spec in MODELS.items()
-        if type(spec.config) is type(config) and not structural_differences(spec.config, config)
-    ]  # fmt: skip
-    return (matches[0] if len(matches) == 1 else None), matches
-
-
 def _normalization(requested: str | None, candidates: list[str]) -> str:
     if requested:
         if requested not in NORMALIZATION:
@@ -199,16 +184,15 @@ def load(
 ) -> Backbone:
     """A `Backbone` from a registry name, a weights file (official `.pth`, HF folder or
     safetensors, ours), or both; random weights (seeded) when no file is given."""
-    from dinov3_jax.weights import load_backbone
+    from dinov3_jax.weights import load_named
 
     if model is None and weights is None:
         raise ValueError("pass --model NAME (random weights) or --weights PATH, or both")
     if model is not None:
         get_spec(model)  # an unknown name fails before a large file is read
     weights = None if weights is None else str(weights)
-    module = load_backbone(model, weights, dtype=dtype, seed=seed)
-    name, candidates = resolve_name(model, weights, module.config)
-    preset = _normalization(normalization, candidates)
+    module, name = load_named(model, weights, dtype=dtype, seed=seed)
+    preset = _normalization(normalization, [name] if name else registry_matches(module.config))
     mean, std = NORMALIZATION[preset]
     return Backbone(module, name, preset, tuple(mean), tuple(std), weights)
 

@@ -22,7 +22,7 @@ from flax import nnx
 from dinov3_jax.convert import convnext, hf, official
 from dinov3_jax.convert.ours import FORMAT_TAG, WeightsError, model_from_flat, model_to_flat, save_ours
 from dinov3_jax.models.config import BackboneConfig, ConvNeXtConfig, config_from_json, structural_differences
-from dinov3_jax.models.registry import get_spec, model_from_filename
+from dinov3_jax.models.registry import create_backbone, get_spec, model_from_filename, registry_matches
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,10 @@ def to_ours(
     return flat, official.with_file_periods(cfg, periods)
 
 
-def resolve_config(name: str | None, found: BackboneConfig | None, path: Path) -> BackboneConfig:
-    """The registry config (checked against the file's structure) or the file's own config."""
+def resolve_config(name: str | None, found: BackboneConfig | None, path: Path) -> tuple[BackboneConfig, str | None]:
+    """The config and the registry name of a weights file, resolved once: the name given, else the
+    official hash in the file name, else the only registry entry of the file's structure (None
+    when there is none or several). A named model's config is checked against the file's."""
     if name is None:
         name = model_from_filename(path.name)
         if name:
@@ -165,7 +167,8 @@ def resolve_config(name: str | None, found: BackboneConfig | None, path: Path) -
     if name is None:
         if found is None:
             raise WeightsError(f"{path}: the file does not state its architecture; pass the model name")
-        return found
+        matches = registry_matches(found)
+        return found, matches[0] if len(matches) == 1 else None
     cfg = get_spec(name).config
     if found is not None:
         diffs = structural_differences(cfg, found)
@@ -173,7 +176,7 @@ def resolve_config(name: str | None, found: BackboneConfig | None, path: Path) -
             raise WeightsError(f"{path} does not hold a {name} backbone:\n  " + "\n  ".join(diffs))
         if getattr(found, "rope_periods", None) is not None:
             cfg = cfg.replace(rope_periods=found.rope_periods)
-    return cfg
+    return cfg, name
 
 
 def load_backbone(
@@ -185,7 +188,23 @@ def load_backbone(
     attention_impl: str | None = None,
     seed: int = 0,
 ) -> nnx.Module:
-    """A DINOv3 backbone (`DinoVisionTransformer` or `ConvNeXt`) as an NNX module.
+    """A DINOv3 backbone (`DinoVisionTransformer` or `ConvNeXt`) as an NNX module (see
+    `load_named`, which also returns the registry name it resolved).
+
+    """
+    return load_named(name, weights, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, seed=seed)[0]
+
+
+def load_named(
+    name: str | None = None,
+    weights: str | Path | None = None,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = None,
+    attention_impl: str | None = None,
+    seed: int = 0,
+) -> tuple[nnx.Module, str | None]:
+    """(the backbone, its registry name or None).
 
     `name` is a registry name (see `list_models()`); with `weights` (official `.pth`, HF folder or
     safetensors, or ours) the parameters come from the file, strictly: every key must be used and
@@ -202,15 +221,12 @@ def load_backbone(
     if weights is None:
         if name is None:
             raise ValueError("pass a model name, weights, or both")
-        cfg = get_spec(name).config
-        from dinov3_jax.models.registry import create_backbone
-
-        return create_backbone(_with_options(cfg, options), seed=seed)
+        return create_backbone(_with_options(get_spec(name).config, options), seed=seed), name
     path = Path(weights)
     layout, sd, found = read_weights(path)
-    cfg = resolve_config(name, found, path)
+    cfg, name = resolve_config(name, found, path)
     flat, cfg = to_ours(layout, sd, cfg)
-    return model_from_flat(_with_options(cfg, options), flat, source=str(path))
+    return model_from_flat(_with_options(cfg, options), flat, source=str(path)), name
 
 
 def _with_options(cfg: BackboneConfig, options: dict[str, str]) -> BackboneConfig:
@@ -273,7 +289,7 @@ def convert_file(src: str | Path, dst: str | Path, *, to: str, name: str | None 
     layout, sd, found = read_weights(src)
     if expect is not None and expect != layout:
         raise WeightsError(f"{src} is in the {layout!r} layout, not {expect!r}")
-    cfg = resolve_config(name, found, src)
+    cfg, _ = resolve_config(name, found, src)
     flat, cfg = to_ours(layout, sd, cfg)
     from dinov3_jax.convert.ours import check_flat
 

@@ -193,8 +193,6 @@ def run(args: argparse.Namespace) -> int:
     from dinov3_jax.eval.extract import extract
     from dinov3_jax.models.registry import get_spec, stride_of
 
-    if args.model is None and args.weights is None:
-        raise ValueError("pass --model NAME (random weights) or --weights PATH, or both")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
 

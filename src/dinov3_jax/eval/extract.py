@@ -1,20 +1,12 @@
 """The one batched, jitted, sharded, cached, streaming forward of a frozen backbone.
 
-`extract(backbone, source, transform=..., outputs=...)` runs every image of an `ImageSource`
-through the backbone once and returns the requested features (`backbone.Outputs`) per readable
-image, in source order:
-
-* images are decoded, transformed (`data.images.Resize` / `ResizeCrop`) and normalised with the
-  backbone's mean / std in grain threads, a few batches ahead of the model, so memory holds a
-  bounded window of pixels, never the whole set;
-* batches have one shape (the last one padded, the batch a multiple of the device count) and are
-  split over a `data` mesh of all devices (or the mesh given, e.g. the trainer's (data, fsdp));
-* one jitted function per (architecture, request) computes only what is asked for; the next
-  batch is dispatched before the previous one is read back;
-* unreadable images are left out and reported in `skipped` (or stop the run with `strict`);
-* with `cache_dir`, the result is stored in an `.npz` named by a hash of the backbone's identity
-  (architecture, weights, normalisation), the data, the transform and the request, and later
-  calls with the same key load it instead of running the model.
+`extract(backbone, source, transform=..., outputs=...)` runs every image of an `ImageSource` through
+the backbone once and returns the requested features (`backbone.Outputs`) of each readable image,
+in source order. Decoding runs in grain threads a bounded window ahead of the model; batches have
+one shape (padded at the end, a multiple of the device count) and are split over every mesh axis;
+one jitted function per (architecture, request) is compiled and reused; unreadable images are
+reported, not fatal (unless `strict`); with `cache_dir` the result is stored under a hash of the
+backbone's identity, the data, the transform and the request. docs/frozen-backbone.md has the design.
 """
 
 from __future__ import annotations

@@ -43,20 +43,49 @@ def _norm(cfg: ConvNeXtConfig, dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
     )
 
 
-def _conv(cfg: ConvNeXtConfig, din: int, dout: int, kernel: int, *, stride: int, groups: int = 1, rngs) -> nnx.Conv:
+def _conv(cfg: ConvNeXtConfig, din: int, dout: int, kernel: int, *, rngs) -> nnx.Conv:
+    """The stem (4×4, stride 4) and downsampling (2×2, stride 2) convs: kernel = stride, no padding."""
     return nnx.Conv(
         din,
         dout,
         kernel_size=(kernel, kernel),
-        strides=(stride, stride),
-        padding="VALID" if stride > 1 else kernel // 2,
-        feature_group_count=groups,
+        strides=(kernel, kernel),
+        padding="VALID",
         dtype=resolve_dtype(cfg.dtype),
         param_dtype=resolve_dtype(cfg.param_dtype),
         kernel_init=logical(linear_init, None, None, None, "embed"),
         bias_init=logical(nnx.initializers.zeros_init(), "embed"),
         rngs=rngs,
     )
+
+
+class DepthwiseConv(nnx.Module):
+    """The 7×7 depthwise conv (`groups = C`, zero padding 3) as 49 shifted multiply-adds.
+
+    Same parameters as `nnx.Conv(feature_group_count=C)` (`kernel` [7, 7, 1, C], `bias` [C]) and
+    the same result up to summation order, but XLA's CPU backend runs grouped convolutions an
+    order of magnitude slower than this fused elementwise loop (measured 15× on ConvNeXt-T's
+    stage-1 map, [32, 56, 56, 96]); on GPUs XLA fuses it into one kernel as well.
+    """
+
+    def __init__(self, cfg: ConvNeXtConfig, dim: int, *, rngs: nnx.Rngs, size: int = 7):
+        pdtype = resolve_dtype(cfg.param_dtype)
+        kernel_init = logical(linear_init, None, None, None, "embed")
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (size, size, 1, dim), pdtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), pdtype), out_sharding=("embed",), eager_sharding=False)
+        self.dtype = resolve_dtype(cfg.dtype)
+
+    def __call__(self, x_bhwc: Array) -> Array:
+        k = self.kernel.shape[0]
+        h, w = x_bhwc.shape[1:3]
+        x = x_bhwc.astype(self.dtype)
+        kernel = self.kernel[...].astype(self.dtype)
+        padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+        out = jnp.zeros_like(x)
+        for i in range(k):
+            for j in range(k):
+                out = out + padded[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
+        return out + self.bias[...].astype(self.dtype)
 
 
 def _linear(cfg: ConvNeXtConfig, din: int, dout: int, axes, rngs) -> nnx.Linear:
@@ -83,7 +112,7 @@ def drop_path(x: Array, rate: float, key: Array | None) -> Array:
 class ConvNeXtBlock(nnx.Module):
     def __init__(self, cfg: ConvNeXtConfig, dim: int, drop_path_rate: float, *, rngs: nnx.Rngs):
         self.drop_path_rate = drop_path_rate
-        self.dwconv = _conv(cfg, dim, dim, 7, stride=1, groups=dim, rngs=rngs)
+        self.dwconv = DepthwiseConv(cfg, dim, rngs=rngs)
         self.norm = _norm(cfg, dim, rngs)
         self.pwconv1 = _linear(cfg, dim, 4 * dim, ("embed", "mlp"), rngs)
         self.pwconv2 = _linear(cfg, 4 * dim, dim, ("mlp", "embed"), rngs)
@@ -107,9 +136,9 @@ class ConvNeXt(nnx.Module):
         cfg = self.config = config
         dims = cfg.dims
         self.downsample_layers = nnx.List(
-            [nnx.List([_conv(cfg, cfg.in_chans, dims[0], 4, stride=4, rngs=rngs), _norm(cfg, dims[0], rngs)])]
+            [nnx.List([_conv(cfg, cfg.in_chans, dims[0], 4, rngs=rngs), _norm(cfg, dims[0], rngs)])]
             + [
-                nnx.List([_norm(cfg, dims[i - 1], rngs), _conv(cfg, dims[i - 1], dims[i], 2, stride=2, rngs=rngs)])
+                nnx.List([_norm(cfg, dims[i - 1], rngs), _conv(cfg, dims[i - 1], dims[i], 2, rngs=rngs)])
                 for i in range(1, 4)
             ]
         )

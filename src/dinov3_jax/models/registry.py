@@ -132,6 +132,17 @@ def get_spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(MODELS)}") from None
 
 
+def registry_matches(cfg: BackboneConfig) -> list[str]:
+    """The registry names whose architecture is `cfg`'s (the parameter tree; run options aside)."""
+    from dinov3_jax.models.config import structural_differences
+
+    return [
+        n
+        for n, spec in MODELS.items()
+        if type(spec.config) is type(cfg) and not structural_differences(spec.config, cfg)
+    ]
+
+
 def model_from_filename(filename: str) -> str | None:
     """The registry name whose official hash appears in a weight file name, if any."""
     for name, spec in MODELS.items():
