@@ -185,7 +185,7 @@ def test_probe_learns_the_builtin_masks_from_backbone_features():
 
 
 def test_builtin_masks_through_the_cli(tmp_path):
-    """`dinov3-jax eval seg` on the built-in dataset writes its metrics, and the probe learns."""
+    """`dinov3-jax segment` on the built-in dataset writes its metrics, and the probe learns."""
     parser = argparse.ArgumentParser()
     segment.add_arguments(parser)
     out = tmp_path / "seg.json"

@@ -10,10 +10,13 @@ from dinov3_jax.weights import FORMATS
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from dinov3_jax.models.config import ConvNeXtConfig
     from dinov3_jax.weights import convert_file
 
     cfg = convert_file(args.input, args.output, to=args.to, name=args.model, expect=args.source)
-    print(f"wrote {args.output} ({args.to} layout; {cfg.depth} blocks, width {cfg.embed_dim})")
+    is_convnext = isinstance(cfg, ConvNeXtConfig)
+    shape = f"ConvNeXt blocks {'-'.join(map(str, cfg.depths))}" if is_convnext else f"{cfg.depth} blocks"
+    print(f"wrote {args.output} ({args.to} layout; {shape}, width {cfg.embed_dim})")
     return 0
 
 

@@ -106,8 +106,6 @@ def run(args: argparse.Namespace) -> int:
     from dinov3_jax.models.registry import get_spec, stride_of
 
     # Cheap checks first, so a mistake is reported before a large checkpoint is read.
-    if args.model is None and args.weights is None:
-        raise ValueError("pass --model NAME (random weights) or --weights PATH, or both")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 1:
@@ -129,13 +127,11 @@ def run(args: argparse.Namespace) -> int:
 
     backbone = front_door.from_args(args, "features")
     grid = check_resolution(size, backbone.stride)
-    request = Outputs(patch=args.patch, layers=args.layers or 0)
-    backbone.check_outputs(request)
     result = extract(
         backbone,
         ImageFiles(paths),
         transform=Resize(size),
-        outputs=request,
+        outputs=Outputs(patch=args.patch, layers=args.layers or 0),
         batch_size=args.batch_size,
         num_threads=args.workers,
         strict=args.strict,

@@ -210,7 +210,7 @@ def extract(
             "outputs": dataclasses.asdict(outputs),
             **extra,
         }
-        cache_path = Path(cache_dir) / f"features-{cache_key(key_parts)}.npz"
+        cache_path = Path(cache_dir).expanduser() / f"features-{cache_key(key_parts)}.npz"
         if cache_path.exists() and (cached := _load_cache(cache_path)) is not None:
             log.info("loaded %d cached features from %s", len(cached), cache_path)
             return cached

@@ -80,7 +80,7 @@ class MaskFolder:
             root = root / "validation"
         images_dir, masks_dir = root / "images", root / "masks"
         if not images_dir.is_dir() or not masks_dir.is_dir():
-            raise FileNotFoundError(f"{root}: expected the folders images/ and masks/ (see dinov3_jax.eval.dense)")
+            raise FileNotFoundError(f"{root}: expected the folders images/ and masks/ (see dinov3_jax.eval.segment)")
         masks = images_by_stem(masks_dir)
         self.items = [(p, masks[stem]) for stem, p in images_by_stem(images_dir).items() if stem in masks]
         if not self.items:

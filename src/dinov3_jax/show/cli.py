@@ -1,10 +1,4 @@
-"""`dinov3-jax show KIND`: one PNG picture of a backbone's patch features.
-
-Sizes (picture size = the input resized so its longer side is --resolution, see `panels`):
-pca [image | PCA] 2W × H; similarity [image | similarity] 2W × H; attention (2 + heads) columns ×
-(1 + registers) rows of panels at most 256 px; foreground [image | probability | dimmed] 3W × H;
-match two rows of [image 1 | image 2], (W1 + W2) × 2·max(H1, H2).
-"""
+"""`dinov3-jax show KIND`: one PNG picture of a backbone's patch features (sizes: see `show.panels`)."""
 
 from __future__ import annotations
 
