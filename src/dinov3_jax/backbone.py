@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Outputs:
-    """Which features `Backbone.outputs` computes (static: part of the compiled program).
+    """Which features `compute_outputs` computes (static: part of the compiled program).
 
     Always `cls` [B, D] (the final-normed CLS token; a ConvNeXt's normed global pool) and
     `registers` [B, R, D] (R = 0 for a ConvNeXt). Optionally:
@@ -102,10 +102,6 @@ class Backbone:
                 )
         if request.attention and self.is_convnext:
             raise ValueError(f"{self.description} is a ConvNeXt: it has no attention, so there are no attention maps")
-
-    def outputs(self, x_bhwc: jax.Array, request: Outputs) -> dict[str, jax.Array]:
-        """The requested features of a batch of normalised NHWC images (see `compute_outputs`)."""
-        return compute_outputs(self.module, x_bhwc, request)
 
     def identity(self) -> dict[str, Any]:
         """What the features depend on, for cache keys: architecture, weights, normalisation."""

@@ -75,12 +75,6 @@ def _forward_for(graphdef: nnx.GraphDef, request: Outputs):
     return jax.jit(run, compiler_options=inference_compiler_options())
 
 
-def data_mesh(devices=None) -> Mesh:
-    """A one-axis (`data`) mesh over all devices (or `devices`)."""
-    devices = list(devices if devices is not None else jax.devices())
-    return Mesh(np.array(devices), ("data",))
-
-
 def _on_mesh(x, *, mesh: Mesh):
     """Parameters already laid out on the mesh's devices (e.g. FSDP-sharded by the trainer) stay
     as they are; anything else is replicated over the mesh."""
@@ -215,9 +209,8 @@ def extract(
             log.info("loaded %d cached features from %s", len(cached), cache_path)
             return cached
 
-    if mesh is None:
-        devices = jax.devices()
-        mesh = data_mesh(devices[: max(1, min(len(devices), len(source)))])
+    if mesh is None:  # a one-axis mesh over all devices, or as many as there are images
+        mesh = Mesh(np.array(jax.devices()[: max(1, len(source))]), ("data",))
     batch = -(-min(batch_size, len(source)) // mesh.size) * mesh.size  # a multiple of the device count
     images_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))  # batch over every mesh axis
     graphdef, state = nnx.split(backbone.module)

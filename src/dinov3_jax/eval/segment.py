@@ -48,12 +48,7 @@ IGNORE_INDEX = 255
 
 
 class SegmentationSource(Protocol):
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> tuple[Image.Image | np.ndarray, np.ndarray]: ...
-
-    @property
-    def num_classes(self) -> int: ...
+    """`len`, `source[i] -> (image, mask [H, W] uint8)` and `num_classes`."""
 
 
 def read_mask(path: str | Path) -> np.ndarray:
