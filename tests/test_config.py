@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -487,3 +488,11 @@ def test_official_7b_recipes_load():
     assert hr.crops.gram_teacher_crops_size == (768, 1152, 1152, 1152, 1152)
     assert hr.dino.koleo_loss_distributed and hr.dino.koleo_distributed_loss_group_size == 16
     assert not hr.gram.rep_update and hr.schedules.lr.end == 1.25e-5
+
+
+@pytest.mark.parametrize("override", ["optim.lr=.nan", "teacher.teacher_temp=.inf", "optim.clip_grad=.nan",
+                                      "dino.koleo_loss_weight=-.inf", "crops.global_crops_scale=[0.32, .nan]"])  # fmt: skip
+def test_non_finite_floats_are_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}.*(nan|inf)"):
+        load_config("tiny_cpu", [override])

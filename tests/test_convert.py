@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -191,3 +192,55 @@ def test_missing_file_and_unknown_model(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(WeightsError, match=r"junk\.safetensors: not a readable safetensors file"):
         load_backbone("dinov3_vit_tiny", tmp_path / "junk.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing the user has is destroyed (issue 11 §1)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_convert_refuses_an_existing_output_unless_forced(tmp_path, capsys):
+    src = save_backbone(tiny(), tmp_path / "a.safetensors")
+    out = tmp_path / "existing.pth"
+    out.write_bytes(b"the user's file")
+    assert cli(["convert", "--to", "meta", str(src), str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == b"the user's file"
+    assert cli(["convert", "--to", "meta", "--force", str(src), str(out)]) == 0
+    assert_same_weights(tiny(), load_backbone("dinov3_vit_tiny", out))
+
+
+@pytest.mark.parametrize(("to", "name"), [("ours", "out.pth"), ("hf", "out.safetensors"), ("meta", "out.npz")])
+def test_the_output_name_must_match_the_layout(to, name, tmp_path, capsys):
+    src = save_backbone(tiny(), tmp_path / "a.safetensors")
+    assert cli(["convert", "--to", to, str(src), str(tmp_path / name)]) == 2
+    assert f"the {to} layout" in capsys.readouterr().err
+    assert not (tmp_path / name).exists()
+
+
+def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """A write that dies half-way (here: torch.save raising after writing some bytes) leaves the
+    previous file as it was and no partial file beside it."""
+    out = save_backbone(create_backbone("dinov3_vit_tiny", seed=9), tmp_path / "w.pth", "meta")
+    before = out.read_bytes()
+
+    def dies_half_way(obj, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_backbone(tiny(), out, "meta")
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["w.pth"]
+
+
+def test_hf_folder_loses_a_stale_shard_index(tmp_path):
+    """Converting into a folder that held a sharded checkpoint removes its index and shards, so
+    the folder loads the new weights (the index would otherwise win)."""
+    folder = tmp_path / "hf"
+    save_backbone(create_backbone("dinov3_vit_tiny", seed=9), folder, "hf")
+    (folder / "model-00001-of-00002.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {"x": "model-00001-of-00002.safetensors"}}')
+    src = save_backbone(tiny(), tmp_path / "a.safetensors")
+    assert cli(["convert", "--to", "hf", "--force", str(src), str(folder)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert_same_weights(tiny(), load_backbone("dinov3_vit_tiny", folder))

@@ -688,3 +688,13 @@ def test_nominal_blur_probabilities():
     trace = []
     A.DataAugmentationDINO(aug.cfg, inverted_blur_probabilities=True)(img, np.random.default_rng(2), trace=trace)
     assert trace[0]["blur"] is False
+
+
+def test_training_sources_decode_16_bit_images_like_features(tmp_path):
+    """A 16-bit grayscale PNG is rescaled to 8 bits (value / 257), not clipped to near-white as
+    PIL's own conversion does: training reads images through the same decoder as `features`."""
+    (tmp_path / "c").mkdir()
+    values = np.array([[0, 257 * 40], [257 * 128, 65535]], np.uint16)
+    Image.fromarray(values).save(tmp_path / "c" / "deep.png")  # mode I;16
+    img, _ = FolderSource(tmp_path)[0]
+    np.testing.assert_array_equal(np.asarray(img)[..., 0], [[0, 40], [128, 255]])

@@ -13,7 +13,7 @@ def _convert(args: argparse.Namespace) -> int:
     from dinov3_jax.models.config import ConvNeXtConfig
     from dinov3_jax.weights import convert_file
 
-    cfg = convert_file(args.input, args.output, to=args.to, name=args.model, expect=args.source)
+    cfg = convert_file(args.input, args.output, to=args.to, name=args.model, expect=args.source, force=args.force)
     is_convnext = isinstance(cfg, ConvNeXtConfig)
     shape = f"ConvNeXt blocks {'-'.join(map(str, cfg.depths))}" if is_convnext else f"{cfg.depth} blocks"
     print(f"wrote {args.output} ({args.to} layout; {shape}, width {cfg.embed_dim})")
@@ -62,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--from", dest="source", choices=FORMATS, help="layout of IN (checked; detected if omitted)")
     conv.add_argument("--to", choices=FORMATS, required=True, help="layout to write")
     conv.add_argument("--model", help="registry name; read from the file (or its name) when omitted")
+    conv.add_argument("--force", action="store_true", help="replace OUT if it exists (written atomically either way)")
     conv.add_argument("input", metavar="IN", help=".pth, .safetensors, or an HF model folder")
-    conv.add_argument("output", metavar="OUT", help="file to write (a folder for --to hf)")
+    conv.add_argument(
+        "output", metavar="OUT", help="file to write: .safetensors (ours), .pth or .safetensors (meta); a folder for hf"
+    )
     conv.set_defaults(run=_convert)
 
     tr = sub.add_parser(
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"dinov3-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

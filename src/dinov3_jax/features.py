@@ -21,6 +21,7 @@ import numpy as np
 from dinov3_jax import backbone as front_door
 from dinov3_jax.data.images import Resize, check_resolution, find_images, parse_resolution
 from dinov3_jax.data.sources import ImageFiles
+from dinov3_jax.utils.files import atomic_write
 
 OUT_SUFFIXES = (".safetensors", ".npz")
 # The file names go in the safetensors JSON header, which readers cap at 100 MB; keep room for the rest.
@@ -76,28 +77,20 @@ def _output_path(out: str) -> Path:
 
 
 def _write(path: Path, tensors: dict[str, np.ndarray], info: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed, so an interrupted run never leaves a truncated file.
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
+    with atomic_write(path) as tmp:
         if path.suffix == ".npz":
             # Lists of paths as unicode arrays (not object arrays), so np.load needs no pickle.
             extra = {
                 k: np.asarray(v, dtype=str) if k in ("files", "skipped") else np.asarray(v) for k, v in info.items()
             }
-            np.savez(partial, **tensors, **extra)
+            np.savez(tmp, **tensors, **extra)
         else:
             from safetensors.numpy import save_file
 
-            metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}
-            save_file(tensors, str(partial), metadata=metadata)
-            # safetensors creates its files owner-only (0600); give the usual umask-based mode instead.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(partial, 0o666 & ~umask)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+            save_file(
+                tensors, str(tmp), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}
+            )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from dinov3_jax.convert import convnext, hf, official
 from dinov3_jax.convert.ours import FORMAT_TAG, WeightsError, model_from_flat, model_to_flat, save_ours
 from dinov3_jax.models.config import BackboneConfig, ConvNeXtConfig, config_from_json, structural_differences
 from dinov3_jax.models.registry import create_backbone, get_spec, model_from_filename, registry_matches
+from dinov3_jax.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -247,45 +248,80 @@ def save_backbone(model: nnx.Module, out: str | Path, layout: str = "ours") -> P
     return save_flat(model_to_flat(model), model.config, out, layout)
 
 
+# What each layout is written as; an HF checkpoint is a folder.
+SUFFIXES = {"ours": (".safetensors",), "meta": (".pth", ".pt", ".bin", ".safetensors")}
+# The files a sharded HF checkpoint adds; a new single-file checkpoint in that folder removes them.
+STALE_HF_FILES = ("model.safetensors.index.json", "model-*-of-*.safetensors")
+
+
+def check_target(out: Path, layout: str) -> None:
+    """The output name must say the layout: a file the tools could not read back is an error."""
+    if layout not in FORMATS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {FORMATS}")
+    if layout == "hf":
+        if out.suffix in (*TORCH_SUFFIXES, ".safetensors") or out.is_file():
+            raise ValueError(f"{out}: the hf layout is a folder (config.json + model.safetensors), not a file")
+    elif out.suffix not in SUFFIXES[layout]:
+        raise ValueError(
+            f"{out}: the {layout} layout is written as {' or '.join(SUFFIXES[layout])}, not {out.suffix!r}"
+        )
+
+
 def save_flat(flat: dict[str, np.ndarray], cfg: BackboneConfig, out: str | Path, layout: str) -> Path:
+    """Writes `layout` to `out`, each file through a temporary file renamed into place."""
     from safetensors.numpy import save_file
 
     out = Path(out)
+    check_target(out, layout)
     is_convnext = isinstance(cfg, ConvNeXtConfig)
     if layout == "ours":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_ours(out, flat, cfg)
+        with atomic_write(out) as tmp:
+            save_ours(tmp, flat, cfg)
     elif layout == "meta":
         sd = convnext.official_from_ours(flat) if is_convnext else official.from_ours(flat, cfg)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".safetensors":
-            save_file(sd, str(out))
-        else:
-            try:
-                import torch
-            except ImportError:
-                raise ImportError("writing .pth needs torch; write .safetensors or install [torch]") from None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, out)
-    elif layout == "hf":
+        with atomic_write(out) as tmp:
+            if out.suffix == ".safetensors":
+                save_file(sd, str(tmp))
+            else:
+                try:
+                    import torch
+                except ImportError:
+                    raise ImportError("writing .pth needs torch; write .safetensors or install [torch]") from None
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, tmp)
+    else:
         if is_convnext:
             hf_config = convnext.config_to_hf(cfg)
             sd = convnext.official_to_hf(convnext.official_from_ours(flat))
         else:
             hf_config = hf.config_to_hf(cfg)
             sd = hf.from_ours(flat, cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-        (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    else:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {FORMATS}")
+        with atomic_write(out / "model.safetensors") as tmp:
+            save_file(sd, str(tmp), metadata={"format": "pt"})
+        for pattern in STALE_HF_FILES:  # an index left over would make the folder load its old shards
+            for stale in out.glob(pattern):
+                stale.unlink()
+        with atomic_write(out / "config.json") as tmp:
+            tmp.write_text(json.dumps(hf_config, indent=2) + "\n")
     return out
 
 
-def convert_file(src: str | Path, dst: str | Path, *, to: str, name: str | None = None, expect: str | None = None):
-    """Reads any layout, checks it strictly against the model, and writes `to`. Returns the config."""
-    src = Path(src)
+def convert_file(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    to: str,
+    name: str | None = None,
+    expect: str | None = None,
+    force: bool = False,
+):
+    """Reads any layout, checks it strictly against the model, and writes `to`; an existing `dst`
+    is replaced only with `force`. Returns the config."""
+    src, dst = Path(src), Path(dst)
+    check_target(dst, to)
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} exists; pass --force to replace it")
     layout, sd, found = read_weights(src)
     if expect is not None and expect != layout:
         raise WeightsError(f"{src} is in the {layout!r} layout, not {expect!r}")

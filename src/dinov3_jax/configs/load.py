@@ -196,12 +196,16 @@ def _coerce(value, tp, path: str, ctx: _Context):
             return value
         fail()
     if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML reads `1e-3` (no dot) as a string; accept numbers written that way.
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)
-        fail()
+        number = None
+        if (isinstance(value, int | float) and not isinstance(value, bool)) or (
+            isinstance(value, str) and _FLOAT_RE.match(value.strip())
+        ):
+            number = float(value)
+        if number is None:
+            fail()
+        if not math.isfinite(number):  # .nan / .inf would pass every range check and poison the run
+            fail(" (not a finite number)")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

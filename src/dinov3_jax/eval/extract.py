@@ -31,6 +31,7 @@ from dinov3_jax.backbone import Backbone, Outputs, compute_outputs
 from dinov3_jax.data.images import Transform, check_resolution
 from dinov3_jax.data.pipeline import build_eval_pipeline
 from dinov3_jax.inference import inference_compiler_options
+from dinov3_jax.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +145,9 @@ def _load_cache(path: Path) -> Extracted | None:
 
 
 def _save_cache(path: Path, result: Extracted, key_parts: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.npz")
-    try:
+    with atomic_write(path) as tmp:  # a concurrent or interrupted run never sees half a file
         np.savez(
-            partial,
+            tmp,
             **{f"out_{k}": v for k, v in result.arrays.items()},
             labels=result.labels,
             indices=result.indices,
@@ -156,9 +155,6 @@ def _save_cache(path: Path, result: Extracted, key_parts: Mapping[str, Any]) -> 
             skipped_reason=np.asarray(list(result.skipped.values()), dtype=str),
             key=np.asarray(json.dumps(key_parts, sort_keys=True, default=str)),
         )
-        os.replace(partial, path)  # atomic: a concurrent or interrupted run never sees half a file
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
