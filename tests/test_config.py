@@ -496,3 +496,16 @@ def test_non_finite_floats_are_refused(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"{re.escape(key)}.*(nan|inf)"):
         load_config("tiny_cpu", [override])
+
+
+def test_empty_output_dir_is_refused():
+    """`train.output_dir: ''` would write checkpoints and logs into the current folder."""
+    with pytest.raises(ConfigError, match=r"train\.output_dir: is empty"):
+        config_from_dict({"train": {"output_dir": " "}})
+
+
+def test_duplicate_yaml_keys_are_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("optim:\n  lr: 0.001\n  epochs: 3\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: duplicate key 'lr' \(lines 2 and 4\)"):
+        load_config(str(path))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import jax
 import numpy as np
@@ -185,7 +186,8 @@ def test_fsdp_shards_the_parameters():
 @pytest.mark.slow
 def test_exact_resume(tmp_path):
     """N steps in one go equal k steps, a stop, and a resumed run to N: bitwise, on CPU."""
-    overrides = ["checkpointing.period=2"]
+    # nan_max_consecutive=0 tolerates no non-finite step, and stops no healthy run (it stopped at step 1 once).
+    overrides = ["checkpointing.period=2", "runtime.nan_max_consecutive=0"]
     straight = train(micro_config(*overrides, f"train.output_dir={tmp_path / 'a'}"), progress=False)
     partial = train(micro_config(*overrides, f"train.output_dir={tmp_path / 'b'}"), progress=False, stop_at=3)
     assert partial["stopped_early"] and partial["steps"] == 3
@@ -200,9 +202,15 @@ def test_exact_resume(tmp_path):
 
 
 def test_divergence_stops_with_a_clear_message(tmp_path):
-    cfg = micro_config("optim.lr=1e30", "runtime.nan_max_consecutive=1", f"train.output_dir={tmp_path}")
-    with pytest.raises(TrainingDiverged, match="non-finite loss or gradient"):
+    """More than `nan_max_consecutive` non-finite steps in a row stop the run at once (one step
+    late at most), not at the next log step (every 100 here)."""
+    cfg = micro_config(
+        "optim.lr=1e30", "runtime.nan_max_consecutive=1", "runtime.log_every_steps=100", f"train.output_dir={tmp_path}"
+    )
+    with pytest.raises(TrainingDiverged, match="2 consecutive steps up to step") as err:
         train(cfg, progress=False)
+    stopped_at = int(re.search(r"up to step (\d+)", str(err.value))[1])
+    assert stopped_at < 6, err.value  # the run has 6 steps: it did not wait for the end (or step 100)
 
 
 def test_bad_mesh_is_an_error_before_compiling(tmp_path):
@@ -254,3 +262,31 @@ def test_global_crops_only(tmp_path):
     assert result["skipped_steps"] == 0 and np.isfinite(result["loss"])
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(m["dino_local"] == 0.0 and m["dino_global"] > 0 for m in logged if "dino_local" in m)
+
+
+def test_one_run_per_output_folder(tmp_path):
+    """A second run on a folder in use stops at once naming the holder; a holder killed with
+    SIGKILL leaves no lock behind (the OS releases it)."""
+    import os
+    import subprocess
+    import sys
+
+    from dinov3_jax.utils.files import FolderInUse, folder_lock
+
+    with folder_lock(tmp_path), pytest.raises(FolderInUse, match=f"in use by another run \\(pid {os.getpid()} on "):
+        train(micro_config(f"train.output_dir={tmp_path}"), progress=False)
+    assert not (tmp_path / "config.yaml").exists()  # refused before writing anything
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom dinov3_jax.utils.files import folder_lock\n"
+         f"with folder_lock({str(tmp_path)!r}):\n    print('locked', flush=True)\n    time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderInUse, match=f"pid {holder.pid} on "), folder_lock(tmp_path):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with folder_lock(tmp_path):  # free again
+        pass

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from dinov3_jax.utils.files import FolderInUse
 from dinov3_jax.weights import FORMATS
 
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, FolderInUse) as err:
         print(f"dinov3-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

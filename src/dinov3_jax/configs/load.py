@@ -284,11 +284,28 @@ def _parse_override(item: str, ctx: _Context) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last silently, so a recipe could say two things and mean one)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (lines {lines[key]} and {line})", key_node.start_mark
+                )
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path_or_name: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults ← YAML (a file path, or a built-in recipe name; None = `tiny_cpu`) ← overrides."""
     text, label = _read_source(DEFAULT_RECIPE if path_or_name is None else str(path_or_name))
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse {label}: {e}") from None
     return config_from_dict(raw or {}, overrides, source=label)
@@ -434,6 +451,9 @@ def validate(cfg: Config) -> None:
         value = get_key(cfg, key) if value is None else value
         if value is not None and not lo <= value <= hi:
             err(key, f"must be in [{lo}, {hi}], got {value}")
+
+    if not str(cfg.train.output_dir).strip():
+        err("train.output_dir", "is empty: a run writes its checkpoints and logs into a folder of its own")
 
     # Backbone (the arch name and the ViTConfig checks).
     try:

@@ -574,7 +574,7 @@ class Runtime:
     eval_batch_size: int = 256
     # Stop after this many steps; None = optim.epochs × train.OFFICIAL_EPOCH_LENGTH (schedules keep that length).
     max_steps: int | None = None
-    # Abort after more than this many consecutive non-finite losses (official: 2).
+    # Abort after more than this many consecutive non-finite steps (official: 2); checked every step.
     nan_max_consecutive: int = 2
     # Attention kernel: xla (portable) or cudnn (GPU).
     attention_impl: Literal["xla", "cudnn"] = "xla"

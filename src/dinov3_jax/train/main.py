@@ -7,6 +7,7 @@ only the mesh and the batch placement change, and both are data.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -43,6 +44,7 @@ from dinov3_jax.train.optim import optimizer_from_config
 from dinov3_jax.train.schedules import build_schedules, gram_teacher_copies
 from dinov3_jax.train.start import NO_PATH, place_like, read_start_weights, restore_run_state
 from dinov3_jax.train.step import GramConfig, LossConfig, make_train_step, to_sample_major
+from dinov3_jax.utils.files import folder_lock
 from dinov3_jax.utils.metrics import MetricsWriter
 from dinov3_jax.weights import save_backbone
 
@@ -284,6 +286,13 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
     # ------------------------------------------------------------------ Output
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # One run per folder: a second `train` on it would interleave the metrics, rewrite the config
+    # and race for the checkpoints. Process 0 holds the lock for the processes of one run.
+    with folder_lock(out) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(cfg, out, progress=progress, stop_at=stop_at)
+
+
+def _train(cfg: Config, out: Path, *, progress: bool, stop_at: int | None) -> dict[str, Any]:
     resolved = config_to_yaml(cfg)
     if jax.process_index() == 0:
         (out / "config.yaml").write_text(resolved)
@@ -366,6 +375,19 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
     t0 = time.perf_counter()
     skipped_images = 0
     end = min(steps, stop_at) if stop_at is not None else steps
+
+    def check_divergence(at: int, step_metrics: dict) -> None:
+        streak = int(jax.device_get(step_metrics["nan_streak"]))
+        if streak > cfg.runtime.nan_max_consecutive:
+            ckpt.close()
+            total_bad = int(jax.device_get(state["nan_total"]))
+            raise TrainingDiverged(
+                f"{streak} consecutive steps up to step {at} had a non-finite loss or gradient (more than "
+                f"runtime.nan_max_consecutive={cfg.runtime.nan_max_consecutive}); their updates were skipped "
+                f"({total_bad} skipped in all). Lower optim.lr or check the data."
+            )
+
+    pending = None  # (step, metrics) of the step before the one just queued
     for step in range(start, end):
         if step in gram_copies:  # the Gram teacher becomes the current EMA teacher (paper §4.2)
             state = run.copy_teacher_to_gram(state)
@@ -375,15 +397,14 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
         sched = {k: np.float32(v) for k, v in schedules.at(step).items() if k in SCHEDULE_KEYS}
         state, metrics = step_fn(state, device_batch, sched)
         done = step + 1
+        # The previous step's streak, read once this step is queued (no stall of the device): a
+        # diverging run stops at most one step late, whatever the logging period.
+        if pending is not None:
+            check_divergence(*pending)
+        pending = (done, metrics)
         if done % cfg.runtime.log_every_steps == 0 or done == end:
             metrics = jax.device_get(metrics)
-            worst, total_bad = (int(x) for x in jax.device_get((state["nan_worst_streak"], state["nan_total"])))
-            if worst >= cfg.runtime.nan_max_consecutive:
-                ckpt.close()
-                raise TrainingDiverged(
-                    f"{worst} consecutive steps had a non-finite loss or gradient (checked at step {done}); their "
-                    f"updates were skipped ({total_bad} skipped in all). Lower optim.lr or check the data."
-                )
+            total_bad = int(jax.device_get(state["nan_total"]))
             bar.set_postfix(
                 {
                     k: f"{float(metrics[k]):.3f}"
@@ -406,6 +427,8 @@ def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> 
                 + ", ".join(f"{k} {v:.1f}" for k, v in knn.items() if k.startswith("top1"))
             )
         bar.update(1)
+    if pending is not None:
+        check_divergence(*pending)
     bar.close()
     if start < end:
         ckpt.save(end, state, iterator.get_state(), resolved, data_start)

@@ -305,7 +305,7 @@ def make_train_step(
             "key": state["key"],
         }
         norms = {f"grad_norm_{k}": v for k, v in submodule_norms(grads).items()}  # before clipping
-        metrics = {"loss": loss, **parts, **norms, "finite": finite, **{k: v for k, v in sched.items()}}
+        metrics = {"loss": loss, **parts, **norms, "finite": finite, "nan_streak": streak, **sched}
         return new_state, metrics
 
     return train_step

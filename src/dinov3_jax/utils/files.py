@@ -25,3 +25,38 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class FolderInUse(RuntimeError):
+    """Another live process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on `folder` (a `.lock` file held with `flock`) for as long as the block
+    runs: a second process gets `FolderInUse` naming the holder's PID and host. The OS drops the
+    lock when its holder exits or dies, so a crashed run never leaves the folder locked."""
+    import fcntl
+    import socket
+    import time
+
+    path = Path(folder) / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "an unknown process"
+            raise FolderInUse(
+                f"{folder} is in use by another run ({holder}); wait for it to finish or choose another folder"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
