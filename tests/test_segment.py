@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from dinov3_jax.backbone import Backbone
 from dinov3_jax.eval import segment
 from dinov3_jax.models.registry import create_backbone
 from dinov3_jax.weights import load_backbone
@@ -133,7 +134,7 @@ def test_probe_learns_from_tiny_model_features(tmp_path):
     write_mask_folder(tmp_path, "train", 24, 0)
     write_mask_folder(tmp_path, "val", 8, 1)
     result = segment.run_segmentation_probe(
-        tiny(),
+        Backbone(tiny()),
         segment.MaskFolder(tmp_path, "train"),
         segment.MaskFolder(tmp_path, "val"),
         resolution=64,
@@ -178,7 +179,7 @@ def test_probe_learns_the_builtin_masks_from_backbone_features():
     train = segment.SyntheticMasks(32, image_size=64, binary=True)
     val = segment.SyntheticMasks(16, image_size=64, split="val", binary=True)
     model = create_backbone("dinov3_vit_tiny", patch_size=8)
-    result = segment.run_segmentation_probe(model, train, val, resolution=64, steps=200, lr=1e-2)
+    result = segment.run_segmentation_probe(Backbone(model), train, val, resolution=64, steps=200, lr=1e-2)
     assert result["num_classes"] == 2 and result["n_train"] == 32
     assert result["miou"] > 0.6, result
     assert result["miou"] > result["all_background_miou"] + 0.2, result

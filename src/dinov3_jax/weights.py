@@ -190,9 +190,7 @@ def load_backbone(
     seed: int = 0,
 ) -> nnx.Module:
     """A DINOv3 backbone (`DinoVisionTransformer` or `ConvNeXt`) as an NNX module (see
-    `load_named`, which also returns the registry name it resolved).
-
-    """
+    `load_named`, which also returns the registry name it resolved)."""
     return load_named(name, weights, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, seed=seed)[0]
 
 

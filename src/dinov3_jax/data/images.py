@@ -153,7 +153,7 @@ def parse_resolution(text: str | int | Sequence[int]) -> tuple[int, int]:
 def check_resolution(hw: tuple[int, int], stride: int) -> tuple[int, int]:
     """The feature grid (h, w); an error unless both sides are multiples of the stride (the ViT
     patch size, 32 for a ConvNeXt)."""
-    if hw[0] % stride or hw[1] % stride or min(hw) < stride:
+    if hw[0] % stride or hw[1] % stride:
         raise ValueError(
             f"resolution {hw[0]}x{hw[1]} is not a multiple of the patch size {stride} "
             f"(for example {max(1, round(hw[0] / stride)) * stride}x{max(1, round(hw[1] / stride)) * stride})"

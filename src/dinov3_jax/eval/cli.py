@@ -236,7 +236,6 @@ def run(args: argparse.Namespace) -> int:
             outputs=request,
             batch_size=args.batch_size,
             cache_dir=cache_dir,
-            cache_key_parts=None if args.weights else {"random_init_seed": args.seed},
             progress=sys.stderr.isatty(),
         )
     extract_s = time.perf_counter() - start

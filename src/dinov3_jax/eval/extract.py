@@ -253,11 +253,10 @@ def extract(
     finally:
         if bar is not None:
             bar.close()
-    n = filled
-    if n == 0:
+    if filled == 0:
         raise ValueError(f"none of the {len(source)} images of the source could be read")
     result = Extracted(
-        {k: v[:n] for k, v in arrays.items()},
+        {k: v[:filled] for k, v in arrays.items()},
         np.concatenate(labels).astype(np.int32),
         np.concatenate(indices).astype(np.int64),
         dict(sorted(errors.items())),

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from flax import nnx
 from PIL import Image
 
 from dinov3_jax import backbone as front_door
@@ -317,7 +316,7 @@ def evaluate_segmenter(
 
 
 def run_segmentation_probe(
-    backbone: Backbone | nnx.Module,
+    backbone: Backbone,
     train: SegmentationSource,
     val: SegmentationSource,
     *,
@@ -330,10 +329,7 @@ def run_segmentation_probe(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Extract features of both splits, train the probe on `train`, report metrics on `val`
-    (with the mIoU of always predicting class 0, as a floor). A bare module is taken with the
-    LVD normalisation."""
-    if not isinstance(backbone, Backbone):
-        backbone = Backbone(backbone)
+    (with the mIoU of always predicting class 0, as a floor)."""
     size = parse_resolution(resolution)
     check_resolution(size, backbone.stride)
     num_classes = num_classes or train.num_classes

@@ -12,7 +12,7 @@ import difflib
 
 from flax import nnx
 
-from dinov3_jax.models.config import BackboneConfig, ConvNeXtConfig, ViTConfig
+from dinov3_jax.models.config import BackboneConfig, ConvNeXtConfig, ViTConfig, structural_differences
 
 NORMALIZATION = {
     "lvd": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -134,8 +134,6 @@ def get_spec(name: str) -> ModelSpec:
 
 def registry_matches(cfg: BackboneConfig) -> list[str]:
     """The registry names whose architecture is `cfg`'s (the parameter tree; run options aside)."""
-    from dinov3_jax.models.config import structural_differences
-
     return [
         n
         for n, spec in MODELS.items()
