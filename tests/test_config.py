@@ -316,6 +316,8 @@ def test_choice_error_suggests():
         (["crops.grayscale_prob=1.5"], "crops.grayscale_prob"),
         (["distributed.coordinator_address=10.0.0.1:1234"], "distributed.enabled"),
         (["distributed.enabled=true", "distributed.num_processes=2", "distributed.process_id=2"], "process_id"),
+        (["data.max_unreadable_fraction=1.5"], "data.max_unreadable_fraction"),
+        (["runtime.resume_allow_changes=[optim.lrr]"], "resume_allow_changes.*'optim.lrr' is neither"),
     ],
 )
 def test_impossible_values_are_named(overrides, key):
@@ -509,3 +511,14 @@ def test_duplicate_yaml_keys_are_an_error_naming_both_lines(tmp_path):
     path.write_text("optim:\n  lr: 0.001\n  epochs: 3\n  lr: 0.5\n")
     with pytest.raises(ConfigError, match=r"dup\.yaml: duplicate key 'lr' \(lines 2 and 4\)"):
         load_config(str(path))
+
+
+def test_resume_differences_skip_harmless_and_allowed_keys():
+    from dinov3_jax.configs import config_to_dict, resume_differences
+
+    before = config_to_dict(load_config("tiny_cpu")) | {"run": {"global_batch": 64}}
+    after = config_to_dict(load_config("tiny_cpu", ["train.seed=7", "optim.lr=0.1", "runtime.log_every_steps=3"]))
+    after |= {"run": {"global_batch": 128}}
+    changed = resume_differences(before, after)
+    assert [line.split(":")[0] for line in changed] == ["optim.lr", "run.global_batch", "train.seed"]
+    assert resume_differences(before, after, ("optim", "run", "train.seed")) == []

@@ -202,7 +202,8 @@ def test_train_batch_contract():
         "mask_indices": ((m,), np.int32),
         "mask_weights": ((m,), np.float32),
         "labels": ((B,), np.int32),
-        "n_skipped": ((), np.int32),
+        "skipped_from": ((B,), np.int64),
+        "n_skipped": ((B,), np.int32),
     }
     assert set(b) == set(expect)
     for k, (shape, dtype) in expect.items():
@@ -215,7 +216,7 @@ def test_train_batch_contract():
     assert np.isclose(b["mask_weights"].sum(), B, atol=1e-5)
     total = int(counts.sum())
     assert np.array_equal(b["mask_indices"][:total], np.flatnonzero(b["masks"].reshape(-1)))
-    assert ((b["labels"] >= 0) & (b["labels"] < 10)).all() and b["n_skipped"] == 0
+    assert ((b["labels"] >= 0) & (b["labels"] < 10)).all() and not b["n_skipped"].any()
 
 
 def test_crop_major_layout():
@@ -233,11 +234,18 @@ def test_crop_major_layout():
         + (10 * np.arange(B)[:, None] + np.arange(3)[None, :])[..., None, None, None]
     )
     out = collate(
-        0, {"global_crops": g, "local_crops": loc, "labels": np.arange(B), "n_skipped": np.zeros(B, np.int32)}
+        0,
+        {
+            "global_crops": g,
+            "local_crops": loc,
+            "labels": np.arange(B),
+            "skipped_from": np.arange(B),
+            "n_skipped": np.zeros(B, np.int32),
+        },
     )
     assert out["global_crops"][:, 0, 0, 0].tolist() == [10 * b + c for c in range(2) for b in range(B)]
     assert out["local_crops"][:, 0, 0, 0].tolist() == [10 * b + c for c in range(3) for b in range(B)]
-    assert out["labels"].dtype == np.int32 and out["n_skipped"] == 0
+    assert out["labels"].dtype == np.int32 and not out["n_skipped"].any()
 
 
 def test_settings_from_config_object():
@@ -333,12 +341,59 @@ def test_folder_source_labels_and_corrupt_skipped(tmp_path):
     # the pipeline skips it: one epoch (9 images, B 3) has exactly one replacement
     it = iter(_train(src, per_host_batch=3))
     batches = [next(it) for _ in range(3)]
-    assert sum(int(b["n_skipped"]) for b in batches) == 1
+    assert sum(int(b["n_skipped"].sum()) for b in batches) == 1
     assert all(((b["labels"] >= 0) & (b["labels"] < 2)).all() for b in batches)
     # eval pipeline: the corrupt file becomes an invalid row
     rows = list(build_eval_pipeline(src, ResizeCrop(8, 9), 4))
     valid = np.concatenate([r["valid"] for r in rows])
     assert len(rows) == 3 and valid.sum() == 8 and not valid[bad]
+
+
+def test_any_number_of_unreadable_images_is_skipped_and_named(tmp_path, capsys):
+    """A class of 70 broken files in a row (more than the 64 the pipeline once tried) is skipped:
+    every batch holds readable images, the first 10 broken ones are named in the log and all 70 in
+    the listing. More than data.max_unreadable_fraction of the source broken, or nothing readable
+    at all, stops with a message saying so."""
+    from dinov3_jax.data.pipeline import TooManyUnreadable, UnreadableImages
+
+    rng = np.random.default_rng(0)
+    for cls in ("a_broken", "b_good"):
+        (tmp_path / "photos" / cls).mkdir(parents=True)
+    for i in range(70):
+        (tmp_path / "photos" / "a_broken" / f"{i:02d}.jpg").write_bytes(b"not a jpeg")
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            tmp_path / "photos" / "b_good" / f"{i}.png"
+        )
+    src = FolderSource(tmp_path / "photos")
+    listing = tmp_path / "unreadable_images.txt"
+    unreadable = UnreadableImages(src, listing, max_fraction=1.0)
+    it = iter(_train(src, per_host_batch=8))
+    for _ in range(10):  # 80 samples: every source index once, the broken ones replaced
+        batch = next(it)
+        assert (batch["labels"] == 1).all()  # only the good class's images
+        unreadable.add(batch["skipped_from"], batch["n_skipped"])
+    assert len(unreadable) == 70
+    lines = listing.read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == [
+        str(tmp_path / "photos" / "a_broken" / f"{i:02d}.jpg") for i in range(70)
+    ]
+    printed = capsys.readouterr().out
+    assert printed.count("skipping unreadable image") == 10 and f"all are listed in {listing}" in printed
+    assert len(UnreadableImages(src, listing, 1.0)) == 70  # a resumed run reads the listing back
+
+    with pytest.raises(
+        TooManyUnreadable,
+        match=r"of the 80 training images are unreadable \(more than data\.max_unreadable_fraction=0\.5\)",
+    ):
+        strict = UnreadableImages(src, tmp_path / "other.txt", max_fraction=0.5)
+        for _ in range(10):
+            batch = next(it)
+            strict.add(batch["skipped_from"], batch["n_skipped"])
+    for i in range(10):
+        (tmp_path / "photos" / "b_good" / f"{i}.png").write_bytes(b"broken too")
+    with pytest.raises(TooManyUnreadable, match="none of the 80 images of the training source can be read"):
+        next(iter(_train(FolderSource(tmp_path / "photos"), per_host_batch=8)))
 
 
 def test_folder_source_unlabelled_and_empty(tmp_path):

@@ -189,3 +189,38 @@ def test_cli_bad_source_is_named(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "knn", "--model", "dinov3_vit_tiny", "--train", "synthetic", "--val", "synthetic:many"])
     assert "synthetic:many" in capsys.readouterr().err
+
+
+def test_cli_knn_names_dropped_files_and_refuses_a_class_without_images(tmp_path, capsys):
+    """A class whose every image is unreadable would vanish from the accuracy (100% top-1 over the
+    rest): the probe reports the dropped files per class and refuses."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / cls / f"{i}.png"
+                )
+    (tmp_path / "imgs" / "train" / "cat" / "0.png").write_bytes(b"broken")  # one of three: reported, kept going
+    for i in range(3):
+        (tmp_path / "imgs" / "val" / "dog" / f"{i}.png").write_bytes(b"broken")  # the whole class
+    common = ["eval", "knn", "--model", "dinov3_vit_tiny", "--resolution", str(RES), "--batch-size", str(BATCH)]
+    common += [
+        "--no-cache",
+        "--ks",
+        "2",
+        "--train",
+        f"folder:{tmp_path / 'imgs'}",
+        "--val",
+        f"folder:{tmp_path / 'imgs'}",
+    ]
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert (
+        "1 unreadable images left out (cat 1 of 3)" in err and str(tmp_path / "imgs" / "train" / "cat" / "0.png") in err
+    )
+    assert "3 unreadable images left out (dog 3 of 3)" in err
+    assert "every image of class 'dog' is unreadable" in err

@@ -190,3 +190,59 @@ def test_load_image_formula(image_dir):
         small = np.asarray(img.convert("RGB").resize((32, 16), Image.BILINEAR), np.float32)
     assert got.shape == (16, 32, 3) and got.dtype == np.float32
     np.testing.assert_allclose(got, (small / 255.0 - mean) / std, atol=1e-6)
+
+
+def test_a_killed_run_leaves_no_output_and_the_same_command_resumes(weights, tmp_path, capsys, monkeypatch):
+    """Rows go to disk batch by batch (memory bounded in the number of images); a run killed after
+    its first batch leaves no --out, and running the command again continues at the next batch
+    and writes the file a straight run writes."""
+    from dinov3_jax.features import DiskRows
+
+    rng = np.random.default_rng(1)
+    for i in range(20):
+        Image.fromarray(_pixels(rng, 24 + i, 30, 3), "RGB").save(tmp_path / f"{i:02d}.png")
+    argv = ["features", "--weights", str(weights), "--input", str(tmp_path), "--resolution", "32", "--patch"]
+    argv += ["--batch-size", "8"]  # three batches (of 8, on the 8 test devices)
+    assert main([*argv, "--out", str(tmp_path / "straight.npz")]) == 0
+
+    out = tmp_path / "resumed.npz"
+    commit, commits = DiskRows.commit, []
+
+    def commit_then_die(self):
+        if len(commits) == 1:  # the second batch's rows are written, its progress not: redone on resume
+            raise KeyboardInterrupt
+        commits.append(self.next_index)
+        commit(self)
+
+    monkeypatch.setattr(DiskRows, "commit", commit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(out)])
+    monkeypatch.undo()
+    work = tmp_path / ".resumed.npz.partial"
+    assert not out.exists() and sorted(p.name for p in tmp_path.glob(".resumed*")) == [work.name]
+    assert json.loads((work / "progress.json").read_text())["next_index"] == 8
+    assert np.load(work / "patch.npy", mmap_mode="r").shape == (20, 2, 2, 64)  # on disk, every row
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "resuming at image 8 of 20" in capsys.readouterr().err
+    assert not work.exists()
+    with np.load(out) as got, np.load(tmp_path / "straight.npz") as want:
+        assert sorted(got.files) == sorted(want.files)
+        for key in want.files:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_out_is_checked_before_any_work(image_dir, tmp_path, capsys):
+    """--out is refused in one line, before the weights are read (they do not exist here): a folder,
+    an existing file without --force, a place that cannot be written."""
+    argv = ["features", "--weights", str(tmp_path / "missing.pth"), "--input", str(image_dir), "--out"]
+    (tmp_path / "old.npz").write_bytes(b"the user's file")
+    for out, message in (
+        (tmp_path, "is a folder"),
+        (tmp_path / "old.npz", "exists; pass --force to replace it"),
+        ("/sys/dinov3_jax_features/f.npz", "cannot be written to"),
+    ):
+        assert main([*argv, str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert (tmp_path / "old.npz").read_bytes() == b"the user's file"

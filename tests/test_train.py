@@ -184,19 +184,61 @@ def test_fsdp_shards_the_parameters():
 
 
 @pytest.mark.slow
-def test_exact_resume(tmp_path):
-    """N steps in one go equal k steps, a stop, and a resumed run to N: bitwise, on CPU."""
+def test_exact_resume_after_a_signal_a_damaged_checkpoint_and_harmless_changes(tmp_path, monkeypatch, capsys):
+    """N steps in one go equal, bitwise on CPU: a run stopped by SIGTERM (a checkpoint at the step
+    it reached, exit code 128 + 15) and resumed with other data workers and logging; and a copy of
+    it whose newest checkpoint is truncated, resumed from the one before with a warning. Resuming
+    with another seed is refused, naming the key."""
+    import os
+    import shutil
+    import signal
+
+    from dinov3_jax.cli import main as cli
+    from dinov3_jax.utils.metrics import MetricsWriter
+
     # nan_max_consecutive=0 tolerates no non-finite step, and stops no healthy run (it stopped at step 1 once).
     overrides = ["checkpointing.period=2", "runtime.nan_max_consecutive=0"]
     straight = train(micro_config(*overrides, f"train.output_dir={tmp_path / 'a'}"), progress=False)
-    partial = train(micro_config(*overrides, f"train.output_dir={tmp_path / 'b'}"), progress=False, stop_at=3)
-    assert partial["stopped_early"] and partial["steps"] == 3
-    resumed = train(micro_config(*overrides, f"train.output_dir={tmp_path / 'b'}"), progress=False)
-    assert resumed["steps"] == straight["steps"] == 6
-    for key in ("student", "teacher", "opt_state"):
-        a, b = jax.device_get(straight["state"][key]), jax.device_get(resumed["state"][key])
-        for x, y in zip(leaves(a), leaves(b)):
-            np.testing.assert_array_equal(x, y)
+
+    write = MetricsWriter.write
+
+    def write_then_terminate(self, step, values):
+        write(self, step, values)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsWriter, "write", write_then_terminate)
+    run_b = ["train", "tiny_cpu", *MICRO, *overrides, f"train.output_dir={tmp_path / 'b'}"]
+    handler = signal.getsignal(signal.SIGTERM)
+    assert cli(run_b) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is handler  # ours is gone again
+    checkpoints = lambda run: sorted(int(p.name) for p in (tmp_path / run / "checkpoints").iterdir())  # noqa: E731
+    # The periodic one at 4 (2 is gone: max_to_keep=2); the signal arrived during step 3, step 4
+    # carried it to every process (one step late, so that the device never waits), and step 5 was saved.
+    assert checkpoints("b") == [4, 5]
+
+    config_before = (tmp_path / "b" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"(?s)train\.seed: 0 → 1.*runtime\.resume_allow_changes=\[train\.seed\]"):
+        train(micro_config(*overrides, "train.seed=1", f"train.output_dir={tmp_path / 'b'}"), progress=False)
+    assert (tmp_path / "b" / "config.yaml").read_text() == config_before  # refused before writing
+
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    files = [p for p in (tmp_path / "c" / "checkpoints" / "5").rglob("*") if p.is_file()]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    capsys.readouterr()
+    for run, workers in (("b", 1), ("c", 0)):
+        harmless = [f"data.num_workers={workers}", "runtime.log_every_steps=2"]
+        resumed = train(micro_config(*overrides, *harmless, f"train.output_dir={tmp_path / run}"), progress=False)
+        assert resumed["steps"] == straight["steps"] == 6
+        for key in ("student", "teacher", "opt_state"):
+            a, b = jax.device_get(straight["state"][key]), jax.device_get(resumed["state"][key])
+            for x, y in zip(leaves(a), leaves(b)):
+                np.testing.assert_array_equal(x, y, err_msg=f"run {run}: {key}")
+    printed = capsys.readouterr().out
+    assert "checkpoint 5 is damaged" in printed and "resumed from" in printed
+    assert (tmp_path / "c" / "damaged_checkpoints" / "5").is_dir()  # set aside, not deleted
     assert (tmp_path / "b" / "teacher_backbone.safetensors").exists()
     assert (tmp_path / "b" / "metrics.jsonl").read_text().count("\n") >= 6
 
@@ -219,6 +261,27 @@ def test_bad_mesh_is_an_error_before_compiling(tmp_path):
         train(cfg, progress=False)
 
 
+def test_unusable_paths_are_one_line_errors(tmp_path, capsys):
+    """A binary config file, an output folder that is a file or cannot be written (a read-only
+    place even for root): one line naming the path, exit code 2, no traceback."""
+    from dinov3_jax.cli import main as cli
+
+    binary = tmp_path / "recipe.yaml"
+    binary.write_bytes(bytes(range(256)))
+    (tmp_path / "a_file").write_text("")
+    for args, message in (
+        ([str(binary)], f"config file {binary} is not a text (YAML) file"),
+        (["tiny_cpu", f"train.output_dir={tmp_path / 'a_file'}"], f"train.output_dir {tmp_path / 'a_file'} is a file"),
+        (
+            ["tiny_cpu", "train.output_dir=/sys/dinov3_jax_run"],
+            "train.output_dir /sys/dinov3_jax_run cannot be written",
+        ),
+    ):
+        assert cli(["train", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
 def test_cli_trains_on_a_folder_of_images_and_exports(tmp_path, capsys):
     from PIL import Image
 
@@ -238,6 +301,9 @@ def test_cli_trains_on_a_folder_of_images_and_exports(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "k-NN evaluation skipped" in printed and "trained 2 steps" in printed
+    broken = tmp_path / "photos" / "a" / "broken.jpg"
+    assert f"skipping unreadable image {broken}" in printed  # named, in the log and in the run folder
+    assert (out / "unreadable_images.txt").read_text().startswith(f"{broken}\t")
     assert (out / "config.yaml").exists() and (out / "result.json").exists()
     backbone = load_backbone(weights=out / "teacher_backbone.safetensors")
     assert backbone.config.patch_size == 8 and backbone.config.embed_dim == 64
@@ -290,3 +356,48 @@ def test_one_run_per_output_folder(tmp_path):
         holder.wait()
     with folder_lock(tmp_path):  # free again
         pass
+
+
+def test_checkpoints_keep_the_last_n_and_every_keep_every(tmp_path):
+    """checkpointing.keep_every (official: 50000) keeps multiples of it beyond max_to_keep."""
+    from dinov3_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, max_to_keep=2, keep_every=3, async_save=False)
+    for step in range(1, 8):
+        ckpt.save(step, {"x": jax.numpy.full((2,), float(step))}, {"config": ""})
+    assert ckpt.steps() == [7, 6, 3]
+    np.testing.assert_array_equal(ckpt.restore(3, {"x": jax.numpy.zeros(2)})["x"], [3.0, 3.0])
+    ckpt.close()
+
+
+def test_the_first_signal_asks_to_stop_and_a_second_quits():
+    import os
+    import signal
+
+    from dinov3_jax.utils.signals import stop_on_signals
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (xdist workers differ)
+    try:
+        with pytest.raises(KeyboardInterrupt), stop_on_signals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.name == "SIGINT"  # recorded; the run goes on to the end of its step
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again: out at once
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_stop_asked_on_one_process_is_seen_by_all():
+    """The stop flag rides in the global batch and the step returns whether any row asked: the
+    rows of one device (as one process of a multi-host run would feed) stop every process at the
+    same step."""
+    cfg = micro_config()
+    mesh = parallel.make_mesh(8, 1)
+    run = setup(cfg, mesh, global_batch=BATCH, steps=6)
+    host = to_sample_major(dict(host_batches()[0]), 8)
+    sched = {k: np.float32(v) for k, v in run.schedules.at(0).items() if k in SCHEDULE_KEYS}
+    asked = np.zeros(BATCH, bool)
+    asked[-2:] = True  # the last device's two samples
+    batch = parallel.host_to_global(host | {"stop": asked}, mesh, PER_SAMPLE_KEYS)
+    _, metrics = run.step_fn(run.state, batch, sched)
+    assert bool(metrics["stop"])

@@ -1,36 +1,32 @@
 """Resumable training checkpoints: an orbax CheckpointManager (asynchronous, atomic, keeps the
-last N) holding the train state (student, teacher, optimizer, centres, step, RNG key), the data
-iterator state of this host, and the resolved config.
+last N and every `keep_every`-th) holding the train state (student, teacher, optimizer, centres,
+step, RNG key) and what the run was: its resolved config and the global batch and process count
+it ran with, which a resume compares with its own (`configs.resume_differences`).
+
+The data stream needs no state of its own: batch t is a pure function of (seed, process, t), so a
+resume rebuilds the stream at its step, whatever `data.num_workers` was or is.
 
 Restoring always goes into an abstract target that carries the shardings of the current mesh, so a
-run can resume on a different device layout.
+run can resume on a different device layout. A checkpoint that cannot be read (truncated files,
+a crash in the middle of orbax's own finalisation) is moved aside, never deleted, and the run
+falls back to the newest intact one.
 """
 
 from __future__ import annotations
 
-import base64
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-
-def _encode_iterator_state(state: Any) -> Any:
-    # grain iterator states are JSON-able dicts or bytes depending on the iterator kind.
-    if isinstance(state, bytes):
-        return {"__bytes__": base64.b64encode(state).decode("ascii")}
-    return state
-
-
-def _decode_iterator_state(state: Any) -> Any:
-    if isinstance(state, dict) and set(state) == {"__bytes__"}:
-        return base64.b64decode(state["__bytes__"])
-    return state
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    """Thin wrapper so the trainer reads as `save(step, state, data_state)` / `restore(...)`."""
+    """Thin wrapper so the trainer reads as `save(step, state, about)` / `restore(step, like)`."""
 
     def __init__(
         self, directory: str | Path, *, max_to_keep: int = 3, keep_every: int | None = None, async_save: bool = True
@@ -44,40 +40,50 @@ class Checkpointer:
             ),
         )
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+    def steps(self) -> list[int]:
+        """The steps held, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
 
-    def save(self, step: int, state: dict, data_state: Any, config_yaml: str, data_start_step: int = 0) -> None:
-        """`data_start_step`: the batch the data stream of this run started at (a run that continues
-        another starts at that run's step), so a resume rebuilds the same stream."""
+    def save(self, step: int, state: dict, about: dict[str, Any]) -> None:
+        """`about`: JSON facts of the run stored beside the state (its config, global batch, ...)."""
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave({f"process_{jax.process_index()}": _encode_iterator_state(data_state)}),
-                meta=ocp.args.JsonSave(
-                    {"step": int(step), "config": config_yaml, "data_start_step": int(data_start_step)}
-                ),
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": int(step), **about})
             ),
             force=True,
         )
 
-    def restore(self, step: int, like_state: dict) -> tuple[dict, Any, int]:
-        """The state at `step`, placed like `like_state` (arrays or ShapeDtypeStructs with shardings),
-        this host's data-iterator state, and the step its data stream started at."""
+    def about(self, step: int) -> dict[str, Any]:
+        """The facts `save` stored with `step`."""
+        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+    def restore(self, step: int, like_state: dict) -> dict:
+        """The state at `step`, placed like `like_state` (arrays or ShapeDtypeStructs with shardings)."""
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like_state
         )
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
-            ),
-        )
-        # Only the primary process writes the JSON item. Every process's stream consumes the same
-        # number of elements per step, so process 0's position is every process's position.
-        data = restored.data.get(f"process_{jax.process_index()}", restored.data.get("process_0"))
-        return restored.state, _decode_iterator_state(data), int(restored.meta.get("data_start_step", 0))
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return restored.state
+
+    def restore_newest_intact(self, like_state: dict, set_aside: Path) -> tuple[int, dict] | None:
+        """(step, state) of the newest checkpoint that reads back, or None when there is none.
+        Each damaged newer one is moved to `set_aside/<step>` (process 0) with a warning naming it."""
+        for step in self.steps():
+            try:
+                return step, self.restore(step, like_state)
+            except Exception as err:  # orbax and tensorstore raise many kinds for a damaged file
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                log.warning(
+                    "checkpoint %d in %s cannot be read (%s); it is moved to %s and the run resumes from an "
+                    "older one", step, self.directory, reason[:300], set_aside / str(step),
+                )  # fmt: skip
+                print(f"warning: checkpoint {step} is damaged ({reason[:200]}); moved to {set_aside / str(step)}")
+                if jax.process_index() == 0:
+                    set_aside.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(self.directory / str(step)), set_aside / str(step))
+                self.manager.reload()
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from dinov3_jax.utils.files import FolderInUse
@@ -34,6 +35,8 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         print(f"dinov3-jax train: stopped: {err}", file=sys.stderr)
         return 3
+    if result.get("interrupted"):
+        return 128 + signal.Signals[result["interrupted"]].value  # as a shell reports death by that signal
     print(format_result(result))
     return 0
 
@@ -114,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, FolderInUse) as err:
+    except (ValueError, ImportError, FolderInUse) as err:
         print(f"dinov3-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # one line naming the path, not a traceback (read-only, full, missing)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"dinov3-jax {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
 
 

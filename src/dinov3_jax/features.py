@@ -5,14 +5,27 @@ decoded in threads a bounded window ahead of the model, resized to --resolution,
 weights were trained, batched with the last batch padded, and run through one jitted function
 that returns only the requested outputs. The features go to one `.safetensors` (default) or
 `.npz` file with the image paths, in order, and the settings as metadata.
+
+Memory stays bounded whatever the number of images: the rows are streamed, batch by batch, into
+one `.npy` file per output in a work folder beside `--out` (`.NAME.partial/`, with a progress
+record after each batch), and the output file is assembled from them in chunks, written to a
+temporary name and renamed into place. A killed run leaves no partial `--out`; the same command
+run again continues from the last finished batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
+import math
 import os
+import shutil
+import struct
 import sys
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +34,8 @@ import numpy as np
 from dinov3_jax import backbone as front_door
 from dinov3_jax.data.images import Resize, check_resolution, find_images, parse_resolution
 from dinov3_jax.data.sources import ImageFiles
-from dinov3_jax.utils.files import atomic_write
+from dinov3_jax.eval.extract import Rows, cache_key
+from dinov3_jax.utils.files import atomic_write, atomic_write_text, writable_folder
 
 OUT_SUFFIXES = (".safetensors", ".npz")
 # The file names go in the safetensors JSON header, which readers cap at 100 MB; keep room for the rest.
@@ -65,10 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="threads decoding images (default: min(8, CPUs))",
     )
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
 def _output_path(out: str) -> Path:
-    path = Path(out)
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; name the file to write")
     if path.suffix == "":
         return path.with_suffix(".safetensors")
     if path.suffix not in OUT_SUFFIXES:
@@ -76,21 +93,130 @@ def _output_path(out: str) -> Path:
     return path
 
 
-def _write(path: Path, tensors: dict[str, np.ndarray], info: dict[str, Any]) -> None:
-    # Written beside the target and renamed, so an interrupted run never leaves a truncated file.
+class DiskRows(Rows):
+    """The rows of an extraction streamed to one `.npy` file per column in `folder`, with
+    `progress.json` rewritten (atomically) after each batch's rows are written, so that a killed
+    extraction resumes at its last finished batch. `key` identifies the job (model, weights,
+    images, settings): a folder left by another job is cleared."""
+
+    def __init__(self, folder: Path, n_images: int, key: str):
+        super().__init__(n_images)
+        self.folder, self.key = folder, key
+        self.shapes: dict[str, tuple[list[int], str]] = {}  # column → (row shape, dtype)
+        self.offsets: dict[str, int] = {}
+        progress = folder / "progress.json"
+        saved = json.loads(progress.read_text()) if progress.is_file() else None
+        if saved and saved["key"] == key:
+            self.filled, self.next_index = saved["filled"], saved["next_index"]
+            self.skipped = {int(i): reason for i, reason in saved["skipped"].items()}
+            self.shapes = {k: (list(v[0]), v[1]) for k, v in saved["columns"].items()}
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.npy"
+
+    def write(self, key: str, start: int, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values)
+        if key not in self.shapes:  # a sparse file of every row, filled batch by batch
+            np.lib.format.open_memmap(self._path(key), "w+", values.dtype, (self.n_images, *values.shape[1:]))
+            self.shapes[key] = (list(values.shape[1:]), values.dtype.str)
+        if key not in self.offsets:  # where the rows start, after the .npy header
+            self.offsets[key] = np.load(self._path(key), mmap_mode="r").offset
+        with open(self._path(key), "r+b") as f:
+            f.seek(self.offsets[key] + start * values[0:1].nbytes)
+            f.write(values.tobytes())
+
+    def commit(self) -> None:
+        atomic_write_text(
+            self.folder / "progress.json",
+            json.dumps(
+                {
+                    "key": self.key,
+                    "filled": self.filled,
+                    "next_index": self.next_index,
+                    "skipped": self.skipped,
+                    "columns": self.shapes,
+                }
+            ),
+        )
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Read-only memory maps of the written rows."""
+        return {k: np.load(self._path(k), mmap_mode="r")[: self.filled] for k in self.shapes}
+
+    def read(self, key: str) -> Iterator[np.ndarray]:
+        """The written rows of column `key`, some 64 MB at a time, by plain reads (no memory map,
+        so the process's memory stays bounded while a large output is assembled)."""
+        row_shape, dtype = self.shapes[key]
+        dtype, row_size = np.dtype(dtype), math.prod(row_shape)
+        step = max(1, CHUNK_BYTES // (row_size * dtype.itemsize))
+        with open(self._path(key), "rb") as f:
+            f.seek(self.offsets.get(key) or np.load(self._path(key), mmap_mode="r").offset)
+            for start in range(0, self.filled, step):
+                n = min(step, self.filled - start)
+                yield np.fromfile(f, dtype, n * row_size).reshape(n, *row_shape)
+
+
+CHUNK_BYTES = 64 << 20
+SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """An output tensor to stream: its shape and dtype, and its bytes in chunks."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: Callable[[], Iterable[np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _write(path: Path, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+    """`tensors` and `info` to `path`, streamed: a safetensors file (header of shapes and offsets,
+    then each tensor's bytes, the metadata as JSON strings) or an uncompressed npz (one `.npy`
+    member per tensor). Written beside the target and renamed, so an interrupted run never leaves
+    a truncated file."""
     with atomic_write(path) as tmp:
         if path.suffix == ".npz":
-            # Lists of paths as unicode arrays (not object arrays), so np.load needs no pickle.
-            extra = {
-                k: np.asarray(v, dtype=str) if k in ("files", "skipped") else np.asarray(v) for k, v in info.items()
-            }
-            np.savez(tmp, **tensors, **extra)
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for name, tensor in tensors.items():
+                    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                        descr = np.lib.format.dtype_to_descr(tensor.dtype)
+                        np.lib.format.write_array_header_2_0(
+                            f, {"descr": descr, "fortran_order": False, "shape": tensor.shape}
+                        )
+                        for chunk in tensor.chunks():
+                            f.write(chunk.tobytes())
+                for name, value in info.items():
+                    # Lists of paths as unicode arrays (not object arrays), so np.load needs no pickle.
+                    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                        np.lib.format.write_array(
+                            f, np.asarray(value, dtype=str if name in ("files", "skipped") else None)
+                        )
         else:
-            from safetensors.numpy import save_file
-
-            save_file(
-                tensors, str(tmp), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}
-            )
+            header: dict[str, Any] = {}
+            offset = 0
+            for name, tensor in tensors.items():
+                end = offset + tensor.nbytes
+                header[name] = {
+                    "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+                    "shape": list(tensor.shape),
+                    "data_offsets": [offset, end],
+                }
+                offset = end
+            header["__metadata__"] = {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+            with open(tmp, "wb") as f:
+                f.write(struct.pack("<Q", len(blob)) + blob)
+                for tensor in tensors.values():
+                    for chunk in tensor.chunks():
+                        f.write(chunk.tobytes())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +230,9 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     out_path = _output_path(args.out)
+    if out_path.exists() and not args.force:
+        raise FileExistsError(f"--out {out_path} exists; pass --force to replace it")
+    writable_folder(out_path.parent, "the folder of --out")
     size = parse_resolution(args.resolution)
     if args.model is not None:
         check_resolution(size, stride_of(get_spec(args.model).config))
@@ -120,21 +249,29 @@ def run(args: argparse.Namespace) -> int:
 
     backbone = front_door.from_args(args, "features")
     grid = check_resolution(size, backbone.stride)
+    request = Outputs(patch=args.patch, layers=args.layers or 0)
+    job = {"backbone": backbone.identity(), "files": [str(p) for p in paths], "size": size, "outputs": str(request)}
+    work = out_path.parent / f".{out_path.name}.partial"
+    rows = DiskRows(work, len(paths), cache_key(job))
+    if rows.next_index:
+        print(f"dinov3-jax features: resuming at image {rows.next_index} of {len(paths)} ({work})", file=sys.stderr)
     result = extract(
         backbone,
         ImageFiles(paths),
         transform=Resize(size),
-        outputs=Outputs(patch=args.patch, layers=args.layers or 0),
+        outputs=request,
         batch_size=args.batch_size,
         num_threads=args.workers,
         strict=args.strict,
+        rows=rows,
         progress=True,
     )
     for reason in result.skipped.values():
         print(f"dinov3-jax features: skipping {reason}", file=sys.stderr)
     # Patch maps are stored flattened, [N, h*w, D] (and [N, L, h*w, D]), as the official tokens.
+    flat = lambda shape: (*shape[:-3], shape[-3] * shape[-2], shape[-1])  # noqa: E731
     tensors = {
-        k: np.ascontiguousarray(v.reshape(*v.shape[: v.ndim - 3], -1, v.shape[-1]) if "patch" in k else v)
+        k: Tensor(flat(v.shape) if "patch" in k else v.shape, v.dtype, functools.partial(rows.read, k))
         for k, v in result.arrays.items()
     }
     mean, std = backbone.mean, backbone.std
@@ -151,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
         "layers": args.layers or 0,
     }
     _write(out_path, tensors, info)
+    shutil.rmtree(work)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
     print(f"wrote features of {len(result)} images to {out_path} ({len(result.skipped)} skipped): {shapes}")
     return 0

@@ -13,6 +13,7 @@ from dinov3_jax.configs.load import (
     get_key,
     list_recipes,
     load_config,
+    resume_differences,
     validate,
     validate_for_devices,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "load_config",
     "lr_scale_factor",
     "mesh_shape",
+    "resume_differences",
     "scaled_lr",
     "schedule_steps",
     "source_kwargs",

@@ -31,6 +31,7 @@ from dinov3_jax.configs.schema import (
     FIXED_KEYS,
     LEGACY_KEYS,
     NO_EFFECT_KEYS,
+    RESUME_SAFE_KEYS,
     V1_SCHEDULE_KEYS,
     Config,
     ConfigError,
@@ -64,7 +65,10 @@ def _read_source(path_or_name: str) -> tuple[str, str]:
     """(text, label) of an existing YAML file, or of a built-in recipe given by its bare name."""
     path = Path(path_or_name).expanduser()
     if path.is_file():
-        return path.read_text(), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not a text (YAML) file") from None
     if "/" in path_or_name or "\\" in path_or_name:
         raise ConfigError(f"config file {path_or_name!r} does not exist")
     stem = re.sub(r"\.ya?ml$", "", path_or_name)
@@ -308,6 +312,8 @@ def load_config(path_or_name: str | None = None, overrides: Sequence[str] = ()) 
         raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse {label}: {e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{label} holds a YAML {type(raw).__name__}, not a mapping of config sections")
     return config_from_dict(raw or {}, overrides, source=label)
 
 
@@ -358,6 +364,33 @@ def get_key(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         value = getattr(value, part)
     return value
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _under_any(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def resume_differences(stored: dict, current: dict, allow: Sequence[str] = ()) -> list[str]:
+    """`key: stored → current` for every dotted key whose value differs between two nested
+    mappings (a run's config as `config_to_dict` gives it, plus `run.*` facts such as the global
+    batch), except `RESUME_SAFE_KEYS` and keys under an `allow` entry (a key or a section)."""
+    old, new = _flatten(stored), _flatten(current)
+    skip = (*RESUME_SAFE_KEYS, *allow)
+    return [
+        f"{key}: {old.get(key, '(absent)')!r} → {new.get(key, '(absent)')!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not _under_any(key, skip)
+    ]
 
 
 @functools.cache
@@ -644,6 +677,11 @@ def validate(cfg: Config) -> None:
     at_least("runtime.eval_batch_size", 1)
     at_least("runtime.max_steps", 1)
     at_least("runtime.nan_max_consecutive", 0)
+    if not 0 <= d.max_unreadable_fraction <= 1:
+        err("data.max_unreadable_fraction", f"must be in [0, 1], got {d.max_unreadable_fraction}")
+    for entry in cfg.runtime.resume_allow_changes:
+        if not _under_any(entry, ("run",)) and not any(_under_any(k, (entry,)) for k in _all_keys()):
+            err("runtime.resume_allow_changes", f"{entry!r} is neither a config key, a section nor 'run'")
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -558,6 +558,9 @@ class Data:
     knn_train_samples: int | None = None
     # Images evaluated by k-NN (test split); None = the source's default / all.
     knn_val_samples: int | None = None
+    # Stop when more than this fraction of the training images turned out unreadable (each one is
+    # replaced by the next readable image and named in the log and in unreadable_images.txt).
+    max_unreadable_fraction: float = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -578,6 +581,10 @@ class Runtime:
     nan_max_consecutive: int = 2
     # Attention kernel: xla (portable) or cudnn (GPU).
     attention_impl: Literal["xla", "cudnn"] = "xla"
+    # Keys (or whole sections, or `run` for the global batch and process count) a resume may change
+    # although the run is then no longer exactly the one its checkpoints began; a resume that
+    # changes any other key that shapes the training is refused (RESUME_SAFE_KEYS never matter).
+    resume_allow_changes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -649,6 +656,30 @@ class Config:
 
 
 # Sections with no official counterpart (documented as project additions).
+# Keys a resume may change and still be the same run, bitwise: where the run writes, how often it
+# logs, evaluates and checkpoints, how many processes decode images, its safety nets, its length.
+RESUME_SAFE_KEYS = (
+    "train.output_dir",
+    "train.num_workers",
+    "train.saveckp_freq",
+    "data.num_workers",
+    "data.val_source",
+    "data.val_path",
+    "data.knn_train_samples",
+    "data.knn_val_samples",
+    "data.max_unreadable_fraction",
+    "runtime.log_every_steps",
+    "runtime.knn_every_steps",
+    "runtime.knn_k",
+    "runtime.eval_batch_size",
+    "runtime.max_steps",
+    "runtime.nan_max_consecutive",
+    "runtime.resume_allow_changes",
+    "checkpointing",
+    "evaluation",
+    "distributed",
+)
+
 PROJECT_SECTIONS = ("mesh", "distributed", "data", "runtime", "compat")
 
 # Official keys that this implementation reads nowhere: accepted, with a one-line warning when

@@ -8,9 +8,9 @@ Training (per host, docs/training-interfaces.md)::
       → [start_step:] → to_iter_dataset → mp_prefetch (num_workers > 0)
 
 Everything up to ``to_iter_dataset`` is a ``MapDataset``: batch ``t`` is a pure function of
-(seed, process, t), so the output is the same for any ``num_workers`` and the iterator state
-(``get_state()`` / ``set_state()``, a next-index counter) resumes exactly. Unreadable images are
-replaced by the next readable source index and counted in ``batch["n_skipped"]``.
+(seed, process, t), so the output is the same for any ``num_workers``, and a stream built with ``start_step=t`` resumes exactly at batch t. Unreadable images are replaced by
+the next readable source index, and each batch says which ones it skipped (``skipped_from``,
+``n_skipped``) so that the trainer can name them.
 
 Several (global, local[, Gram-teacher]) crop-size pairs (the high-resolution adaptation stage,
 paper §5.1): every step uses one pair for all of its images on every host, drawn with
@@ -21,6 +21,7 @@ paper §5.1): every step uses one pair for all of its images on every host, draw
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -62,7 +63,8 @@ class TrainDataSpec:
             "mask_indices": ((self.max_masked_tokens,), np.int32),
             "mask_weights": ((self.max_masked_tokens,), np.float32),
             "labels": ((b,), np.int32),
-            "n_skipped": ((), np.int32),
+            "skipped_from": ((b,), np.int64),
+            "n_skipped": ((b,), np.int32),
             **(
                 {"gram_teacher_crops": ((2 * b, self.gram_size, self.gram_size, 3), np.float32)}
                 if self.gram_size
@@ -128,17 +130,70 @@ class _TagPosition:
         return int(index), int(src_index)
 
 
-def load_with_skips(source: ImageSource, index: int, max_skips: int) -> tuple[Image.Image | np.ndarray, int, int]:
+class TooManyUnreadable(ValueError):
+    """No image of the training source can be read, or more than the allowed fraction cannot."""
+
+
+def load_with_skips(source: ImageSource, index: int) -> tuple[Image.Image | np.ndarray, int, int]:
     """``source[index]``, or the next readable item (index + 1, ...) when it is unreadable.
-    Returns ``(image, label, n_skipped)``."""
+    Returns ``(image, label, n_skipped)``: the unreadable ones are ``index, …, index + n_skipped − 1``
+    (mod ``len(source)``)."""
     n = len(source)
-    for skipped in range(max_skips + 1):
+    first_error = None
+    for skipped in range(n):
         try:
             image, label = source[(index + skipped) % n]
             return image, int(label), skipped
-        except UnreadableImage:
-            continue
-    raise RuntimeError(f"{max_skips + 1} consecutive unreadable images from source index {index}; is the data corrupt?")
+        except UnreadableImage as err:
+            first_error = first_error or err
+    raise TooManyUnreadable(f"none of the {n} images of the training source can be read (the first: {first_error})")
+
+
+class UnreadableImages:
+    """The training images found unreadable so far: named in the log (the first `shown`) and one
+    per line (`path<TAB>reason`) in `listing`, which a resumed run reads back and extends. More
+    than `max_fraction` of the source unreadable stops the run (`TooManyUnreadable`)."""
+
+    def __init__(self, source: ImageSource, listing: Path, max_fraction: float, shown: int = 10):
+        self.source, self.listing, self.max_fraction, self.shown = source, Path(listing), max_fraction, shown
+        self.names: set[str] = set()
+        if self.listing.is_file():
+            self.names = {line.split("\t", 1)[0] for line in self.listing.read_text().splitlines() if line}
+        self._seen: set[int] = set()  # source indices already looked at in this process
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def add(self, skipped_from: np.ndarray, n_skipped: np.ndarray) -> None:
+        """Records the items a batch skipped (its ``skipped_from`` and ``n_skipped``)."""
+        n = len(self.source)
+        new = []
+        for first, count in zip(skipped_from.tolist(), n_skipped.tolist()):
+            for index in ((first + j) % n for j in range(count)):
+                if index in self._seen:
+                    continue
+                self._seen.add(index)
+                try:
+                    self.source[index]
+                    continue  # readable now: a passing failure (network file system, a file being written)
+                except UnreadableImage as err:
+                    if err.path not in self.names:
+                        self.names.add(err.path)
+                        new.append(err)
+        if not new:
+            return
+        with open(self.listing, "a") as f:
+            f.writelines(f"{err.path}\t{err.reason}\n" for err in new)
+        for k, err in enumerate(new, len(self.names) - len(new)):
+            if k < self.shown:
+                print(f"skipping {err}")
+            elif k == self.shown:
+                print(f"skipping more unreadable images; all are listed in {self.listing}")
+        if len(self.names) > self.max_fraction * n:
+            raise TooManyUnreadable(
+                f"{len(self.names)} of the {n} training images are unreadable (more than "
+                f"data.max_unreadable_fraction={self.max_fraction}); they are listed in {self.listing}"
+            )
 
 
 class _MakeSample:
@@ -149,20 +204,19 @@ class _MakeSample:
         ratios: tuple[float, ...],
         global_batch: int,
         seed: int,
-        max_skips: int,
     ):
-        self.source, self.augs, self.ratios, self.seed, self.max_skips = source, augs, ratios, seed, max_skips
+        self.source, self.augs, self.ratios, self.seed = source, augs, ratios, seed
         self.global_batch = global_batch
         self.n = len(source)
 
     def __call__(self, item: tuple[int, int]) -> dict[str, Any]:
         pos, src_index = item
         rng = np.random.default_rng([self.seed, _SAMPLE_TAG, pos // self.n, pos])
-        image, label, skipped = load_with_skips(self.source, src_index, self.max_skips)
+        image, label, skipped = load_with_skips(self.source, src_index)
         # Stream positions [t·G, (t+1)·G) (G = the global batch) make up step t on all hosts.
         aug = self.augs[crop_pair_index(self.seed, pos // self.global_batch, self.ratios)]
         crops = aug(image, rng)
-        return {**crops, "labels": np.int32(label), "n_skipped": np.int32(skipped)}
+        return {**crops, "labels": np.int32(label), "skipped_from": np.int64(src_index), "n_skipped": np.int32(skipped)}
 
 
 class _Collate:
@@ -207,7 +261,8 @@ class _Collate:
             "local_crops": crop_major(loc),
             **masks,
             "labels": batch["labels"].astype(np.int32),
-            "n_skipped": np.int32(batch["n_skipped"].sum()),
+            "skipped_from": batch["skipped_from"],
+            "n_skipped": batch["n_skipped"],
         }
         if "gram_teacher_crops" in batch:
             out["gram_teacher_crops"] = crop_major(batch["gram_teacher_crops"])
@@ -250,14 +305,14 @@ def build_train_pipeline(
     num_threads: int = 2,
     prefetch_buffer_size: int | None = None,
     start_step: int = 0,
-    max_skips: int = 64,
     **crop_overrides: Any,
 ) -> grain.IterDataset:
     """The infinite per-host training stream. ``iter(...)`` gives a grain iterator of dicts::
 
         global_crops [2B, S, S, 3] f32 (crop-major)   local_crops [L·B, s, s, 3] f32 (crop-major)
         masks [2B, N] bool   mask_indices [M] i32   mask_weights [M] f32   labels [B] i32
-        n_skipped [] i32 (unreadable images replaced in this batch)
+        skipped_from [B] i64, n_skipped [B] i32: sample i replaced the unreadable source items
+            skipped_from[i], …, skipped_from[i] + n_skipped[i] − 1 (mod the source length)
 
     Settings come from ``cfg`` (``train.seed``, ``crops.*``, ``student.patch_size``,
     ``ibot.mask_ratio_min_max``, ``ibot.mask_sample_probability``, ``data.num_workers``,
@@ -266,7 +321,7 @@ def build_train_pipeline(
     in ``pipeline.specs`` (one :class:`TrainDataSpec` per crop-size pair; ``pipeline.spec`` is the
     first), the pairs in ``pipeline.crop_pairs``; with a Gram-teacher crop size the batches also
     hold ``gram_teacher_crops [2B, G, G, 3]`` (crop-major). ``start_step`` starts at that batch (the same one
-    an uninterrupted stream yields there); checkpoint resume should use ``set_state`` instead.
+    an uninterrupted stream yields there): a resumed run starts its stream at its step.
     """
     if seed is None:
         seed = int(_cfg_get(cfg, "train.seed", 0))
@@ -323,7 +378,7 @@ def build_train_pipeline(
     ds = grain.MapDataset.range(n).shuffle(seed=seed % 2**32).repeat(None)
     ds = ds.map_with_index(_TagPosition())
     ds = ds.slice(slice(process_index, None, process_count))
-    ds = ds.map(_MakeSample(source, augs, pairs.ratios, per_host_batch * process_count, seed, max_skips))
+    ds = ds.map(_MakeSample(source, augs, pairs.ratios, per_host_batch * process_count, seed))
     ds = ds.batch(per_host_batch, drop_remainder=True)
     ds = ds.map_with_index(
         _Collate(specs, pairs.ratios, seed, process_index, mask_min_num_patches, mask_max_block_ratio)
@@ -386,14 +441,16 @@ def build_eval_pipeline(
     *,
     num_threads: int = 2,
     errors: dict[int, str] | None = None,
+    start: int = 0,
 ) -> grain.IterDataset:
     """Ordered batches ``{"images": [batch, H, W, 3] f32, "labels": [batch] i32, "valid": [batch]
     bool, "index": [batch] i64}`` covering the source once, through `transform` and normalised
     with `mean` / `std`; the last batch is padded (``valid`` False, label and index -1).
     Unreadable images come back as invalid rows, and `errors` (when given) gets their reasons by
-    source index. Images are decoded in `num_threads` threads, a few batches ahead."""
+    source index. Images are decoded in `num_threads` threads, a few batches ahead. `start`
+    begins at that source index (a resumed extraction)."""
     if len(source) == 0:
         raise ValueError("the evaluation source is empty")
-    ds = grain.MapDataset.range(len(source)).map(_EvalSample(source, transform, mean, std, errors))
+    ds = grain.MapDataset.range(start, len(source)).map(_EvalSample(source, transform, mean, std, errors))
     ds = ds.batch(batch, drop_remainder=False).map(_PadBatch(batch))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))

@@ -187,6 +187,30 @@ def _print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
             print("  " + "  ".join("-" * w for w in widths))
 
 
+def check_dropped(spec: SourceSpec, flag: str, source, skipped: dict[int, str]) -> None:
+    """Reports the unreadable images a probe leaves out, per class, and refuses when a class
+    loses all of its images (its accuracy would silently leave the class out)."""
+    if not skipped:
+        return
+    labels = np.asarray(getattr(source, "labels", np.full(len(source), -1)))[: len(source)]
+    names = list(source.class_names) or [str(c) for c in range(int(labels.max()) + 1)]
+    name = lambda c: names[c] if 0 <= c < len(names) else "unlabelled"  # noqa: E731
+    dropped = np.bincount(labels[list(skipped)] + 1, minlength=len(names) + 1)[1:]
+    total = np.bincount(labels[labels >= 0], minlength=len(names))
+    per_class = ", ".join(f"{name(c)} {n} of {total[c]}" for c, n in enumerate(dropped) if n)
+    print(f"{flag} {spec.text}: {len(skipped)} unreadable images left out ({per_class}):", file=sys.stderr)
+    for reason in list(skipped.values())[:10]:
+        print(f"  {reason}", file=sys.stderr)
+    if len(skipped) > 10:
+        print(f"  ... and {len(skipped) - 10} more", file=sys.stderr)
+    lost = [name(c) for c in range(len(total)) if total[c] and dropped[c] == total[c]]
+    if lost:
+        raise ValueError(
+            f"{flag} {spec.text}: every image of class {', '.join(map(repr, lost))} is unreadable; the probe would "
+            "leave the class out and report an accuracy over the others. Repair or remove those files."
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from dinov3_jax.backbone import Outputs
     from dinov3_jax.data.images import ResizeCrop
@@ -238,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=cache_dir,
             progress=sys.stderr.isatty(),
         )
+        check_dropped(getattr(args, split), f"--{split}", src, feats[split].skipped)
     extract_s = time.perf_counter() - start
     train, val = feats["train"], feats["val"]
     if (val.labels < 0).any():

@@ -162,6 +162,33 @@ def _save_cache(path: Path, result: Extracted, key_parts: Mapping[str, Any]) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+class Rows:
+    """Where `extract` puts its rows (features, labels, source indices), in memory here;
+    `features.DiskRows` streams them to files instead. `filled` rows are written, every source
+    index below `next_index` is done (read or skipped), and `skipped` maps the unreadable ones to
+    the reason; `commit()` follows each batch, when all three are consistent."""
+
+    def __init__(self, n_images: int):
+        self.n_images = n_images
+        self.columns: dict[str, np.ndarray] = {}
+        self.filled = 0
+        self.next_index = 0
+        self.skipped: dict[int, str] = {}
+
+    def write(self, key: str, start: int, values: np.ndarray) -> None:
+        """Rows `start, ...` of column `key` (sized for every image, made on first use)."""
+        if key not in self.columns:
+            self.columns[key] = np.empty((self.n_images, *values.shape[1:]), values.dtype)
+        self.columns[key][start : start + len(values)] = values
+
+    def commit(self) -> None:
+        pass
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Every column, the written rows only."""
+        return {k: v[: self.filled] for k, v in self.columns.items()}
+
+
 def extract(
     backbone: Backbone,
     source: Any,
@@ -174,13 +201,16 @@ def extract(
     strict: bool = False,
     cache_dir: str | os.PathLike | None = None,
     cache_key_parts: Mapping[str, Any] | None = None,
+    rows: Rows | None = None,
     progress: bool = False,
 ) -> Extracted:
     """Features of every readable image of `source` (see the module docstring).
 
     `mesh` defaults to a `data` mesh over all devices (fewer when the source has fewer images);
     the batch is split over all its axes. With `cache_dir`, `cache_key_parts` entries are added to
-    the cache key (`"data"` replaces `describe_source(source)`).
+    the cache key (`"data"` replaces `describe_source(source)`). `rows` receives the rows as they
+    come (in memory by default); one that already holds some (a resumed `DiskRows`) is continued
+    from its `next_index`.
     """
     backbone.check_outputs(outputs)
     check_resolution(transform.out_hw, backbone.stride)
@@ -212,35 +242,34 @@ def extract(
     graphdef, state = nnx.split(backbone.module)
     state = jax.tree.map(functools.partial(_on_mesh, mesh=mesh), state)
     forward = _forward_for(graphdef, outputs)
+    rows = rows if rows is not None else Rows(len(source))
     errors: dict[int, str] = {}
     pipeline = build_eval_pipeline(
-        source, transform, batch, backbone.mean, backbone.std, num_threads=num_threads, errors=errors
-    )
-
-    arrays: dict[str, np.ndarray] = {}
-    labels, indices = [], []
-    filled = 0
+        source, transform, batch, backbone.mean, backbone.std, num_threads=num_threads, errors=errors,
+        start=rows.next_index,
+    )  # fmt: skip
 
     def collect(out, valid, batch_labels, batch_indices):
-        nonlocal filled
-        if strict and (bad := batch_indices[~valid & (batch_indices >= 0)]).size:
-            raise ValueError(f"cannot read image {int(bad[0])} of the source: {errors[int(bad[0])]}")
-        count = int(valid.sum())
-        for key, value in out.items():
-            if key not in arrays:  # sized for every image; trimmed at the end if some are skipped
-                arrays[key] = np.empty((len(source), *value.shape[1:]), np.float32)
-            arrays[key][filled : filled + count] = np.asarray(value)[valid]
-        filled += count
-        labels.append(batch_labels[valid])
-        indices.append(batch_indices[valid])
+        real = batch_indices >= 0  # the padding of the last batch is neither read nor skipped
+        bad = batch_indices[~valid & real].tolist()
+        if strict and bad:
+            raise ValueError(f"cannot read image {bad[0]} of the source: {errors[bad[0]]}")
+        for key, value in (*out.items(), ("labels", batch_labels), ("indices", batch_indices)):
+            rows.write(key, rows.filled, np.asarray(value)[valid])
+        rows.filled += int(valid.sum())
+        rows.skipped |= {i: errors[i] for i in bad}
+        rows.next_index = int(batch_indices[real].max()) + 1
+        rows.commit()
         if bar is not None:
-            bar.update(int((batch_indices >= 0).sum()))
+            bar.update(int(real.sum()))
 
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(source), unit="img", desc="features", leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(source), initial=rows.next_index, unit="img", desc="features", leave=False, dynamic_ncols=True
+        )
     in_flight = None
     try:
         for item in pipeline:
@@ -253,13 +282,15 @@ def extract(
     finally:
         if bar is not None:
             bar.close()
-    if filled == 0:
+    if rows.filled == 0:
         raise ValueError(f"none of the {len(source)} images of the source could be read")
+    arrays = rows.result()
+    labels, indices = arrays.pop("labels"), arrays.pop("indices")
     result = Extracted(
-        {k: v[:filled] for k, v in arrays.items()},
-        np.concatenate(labels).astype(np.int32),
-        np.concatenate(indices).astype(np.int64),
-        dict(sorted(errors.items())),
+        arrays,  # compute_outputs gives float32
+        labels.astype(np.int32),
+        indices.astype(np.int64),
+        dict(sorted(rows.skipped.items())),
     )
     if cache_path is not None:
         _save_cache(cache_path, result, key_parts)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import yaml
 from flax import nnx
 from tqdm import tqdm
 
@@ -29,13 +30,14 @@ from dinov3_jax.configs import (
     ConfigError,
     config_to_yaml,
     global_batch_size,
+    resume_differences,
     schedule_steps,
     source_kwargs,
     student_vit_config,
     total_steps,
     validate_for_devices,
 )
-from dinov3_jax.data.pipeline import build_train_pipeline
+from dinov3_jax.data.pipeline import UnreadableImages, build_train_pipeline
 from dinov3_jax.data.sources import make_source
 from dinov3_jax.eval.knn import KnnEvaluator, knn_split_problem
 from dinov3_jax.models.heads import HeadConfig, SSLModel
@@ -44,8 +46,9 @@ from dinov3_jax.train.optim import optimizer_from_config
 from dinov3_jax.train.schedules import build_schedules, gram_teacher_copies
 from dinov3_jax.train.start import NO_PATH, place_like, read_start_weights, restore_run_state
 from dinov3_jax.train.step import GramConfig, LossConfig, make_train_step, to_sample_major
-from dinov3_jax.utils.files import folder_lock
+from dinov3_jax.utils.files import atomic_write_text, folder_lock, writable_folder
 from dinov3_jax.utils.metrics import MetricsWriter
+from dinov3_jax.utils.signals import StopRequest, stop_on_signals
 from dinov3_jax.weights import save_backbone
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,7 @@ PER_SAMPLE_KEYS = (
     "labels",
     "mask_indices",
     "mask_weights",
+    "stop",
 )
 SCHEDULE_KEYS = (
     "lr",
@@ -274,31 +278,48 @@ def setup(cfg: Config, mesh, *, global_batch: int, steps: int, loss_groups: int 
 # ---------------------------------------------------------------------------------------------
 
 
-def train(cfg: Config, *, progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) a pretraining run; returns the final metrics.
 
-    `stop_at` ends the run early after that step with a checkpoint, as a preemption would; calling
-    `train` again with the same config resumes it exactly.
+    A SIGTERM or SIGINT stops the run after the current step with a checkpoint (every process at
+    the same step) and returns `{"steps": ..., "interrupted": "SIGTERM"}`; calling `train` again
+    with the same config resumes it exactly.
     """
     if cfg.distributed.enabled:  # before anything touches the devices
         d = cfg.distributed
         parallel.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
     # ------------------------------------------------------------------ Output
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(cfg.train.output_dir, "train.output_dir")
     # One run per folder: a second `train` on it would interleave the metrics, rewrite the config
     # and race for the checkpoints. Process 0 holds the lock for the processes of one run.
-    with folder_lock(out) if jax.process_index() == 0 else contextlib.nullcontext():
-        return _train(cfg, out, progress=progress, stop_at=stop_at)
+    with folder_lock(out) if jax.process_index() == 0 else contextlib.nullcontext(), stop_on_signals() as stop:
+        return _train(cfg, out, stop, progress=progress)
 
 
-def _train(cfg: Config, out: Path, *, progress: bool, stop_at: int | None) -> dict[str, Any]:
-    resolved = config_to_yaml(cfg)
-    if jax.process_index() == 0:
-        (out / "config.yaml").write_text(resolved)
-        print(resolved)
-    writer = MetricsWriter(out) if jax.process_index() == 0 else None
+def check_resume(ckpt: Checkpointer, about: dict[str, Any], cfg: Config) -> None:
+    """Refuses to resume the newest checkpoint with a config that would make it another run
+    (any key outside RESUME_SAFE_KEYS and `runtime.resume_allow_changes`, or another global
+    batch or process count), listing every difference."""
+    for step in ckpt.steps():
+        try:
+            stored = ckpt.about(step)
+        except Exception:  # a damaged checkpoint: the restore sets it aside and compares an older one
+            continue
+        before = {**yaml.safe_load(stored["config"]), "run": stored.get("run", about["run"])}
+        now = {**yaml.safe_load(about["config"]), "run": about["run"]}
+        changed = resume_differences(before, now, cfg.runtime.resume_allow_changes)
+        if changed:
+            keys = ",".join(sorted({line.split(":", 1)[0] for line in changed}))
+            raise ConfigError(
+                f"train.output_dir={ckpt.directory.parent} holds checkpoint {step} of a run with another config; "
+                "resuming it with this one would not be the same run:\n  " + "\n  ".join(changed) + "\n"
+                f"Choose a new train.output_dir, or resume with the change on purpose: "
+                f"runtime.resume_allow_changes=[{keys}]"
+            )
+        return
 
+
+def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict[str, Any]:
     # ------------------------------------------------------------------ Mesh
     validate_for_devices(cfg, jax.device_count())
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
@@ -306,22 +327,30 @@ def _train(cfg: Config, out: Path, *, progress: bool, stop_at: int | None) -> di
     host_batch = batch // jax.process_count()
     steps = total_steps(cfg)
 
+    # ------------------------------------------------------------------ Checkpoints (before anything is written)
+    resolved = config_to_yaml(cfg)
+    about = {"config": resolved, "run": {"global_batch": batch, "processes": jax.process_count()}}
+    ckpt = Checkpointer(
+        out / "checkpoints", max_to_keep=cfg.checkpointing.max_to_keep, keep_every=cfg.checkpointing.keep_every
+    )
+    check_resume(ckpt, about, cfg)
+    if jax.process_index() == 0:
+        atomic_write_text(out / "config.yaml", resolved)
+        print(resolved)
+    writer = MetricsWriter(out) if jax.process_index() == 0 else None
+
     # ------------------------------------------------------------------ Model, optimizer, state, step
     run = setup(cfg, mesh, global_batch=batch, steps=schedule_steps(cfg))
     state, step_fn, schedules, teacher_def = run.state, run.step_fn, run.schedules, run.teacher_def
 
     # ------------------------------------------------------------------ Restore (this run, or the run it continues)
-    ckpt = Checkpointer(
-        out / "checkpoints", max_to_keep=cfg.checkpointing.max_to_keep, keep_every=cfg.checkpointing.keep_every
-    )
-    start = ckpt.latest_step() or 0
-    data_state, data_start = None, 0
-    if start:
-        state, data_state, data_start = ckpt.restore(start, state)
+    start = 0
+    restored = ckpt.restore_newest_intact(state, out / "damaged_checkpoints")
+    if restored is not None:
+        start, state = restored
         print(f"resumed from {out / 'checkpoints'} at step {start}")
     elif cfg.train.continue_from:
         state, start, new_keys = restore_run_state(cfg.train.continue_from, state, "train.continue_from")
-        data_start = start
         if "gram_teacher" in new_keys and cfg.gram.ckpt in NO_PATH:
             state = run.copy_teacher_to_gram(state)  # the continued teacher, not the random one
         print(f"continuing {cfg.train.continue_from} from its step {start}")
@@ -336,13 +365,13 @@ def _train(cfg: Config, out: Path, *, progress: bool, stop_at: int | None) -> di
         per_host_batch=host_batch,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        # A continued run's stream starts where that run's stopped (batch t depends only on t).
-        start_step=data_start,
+        # Batch t depends only on t: the stream of a resumed (or continued) run starts at its step.
+        start_step=start,
         inverted_blur_probabilities=cfg.compat.inverted_blur_probabilities,
     )
     iterator = iter(pipeline)
-    if data_state is not None:
-        iterator.set_state(data_state)
+    suffix = "" if jax.process_index() == 0 else f".process{jax.process_index()}"
+    unreadable = UnreadableImages(source, out / f"unreadable_images{suffix}.txt", cfg.data.max_unreadable_fraction)
     gram_copies = gram_teacher_copies(cfg.gram, steps) if uses_gram_teacher(cfg) else frozenset()
 
     # ------------------------------------------------------------------ Evaluation
@@ -373,11 +402,11 @@ def _train(cfg: Config, out: Path, *, progress: bool, stop_at: int | None) -> di
     bar = tqdm(total=steps, initial=start, disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
     metrics: dict[str, Any] = {}
     t0 = time.perf_counter()
-    skipped_images = 0
-    end = min(steps, stop_at) if stop_at is not None else steps
+    end = steps
 
-    def check_divergence(at: int, step_metrics: dict) -> None:
-        streak = int(jax.device_get(step_metrics["nan_streak"]))
+    def read_back(at: int, step_metrics: dict) -> bool:
+        """Stops a diverged run; whether any process asked to stop."""
+        streak, stop_asked = jax.device_get((step_metrics["nan_streak"], step_metrics["stop"]))
         if streak > cfg.runtime.nan_max_consecutive:
             ckpt.close()
             total_bad = int(jax.device_get(state["nan_total"]))
@@ -386,23 +415,28 @@ def _train(cfg: Config, out: Path, *, progress: bool, stop_at: int | None) -> di
                 f"runtime.nan_max_consecutive={cfg.runtime.nan_max_consecutive}); their updates were skipped "
                 f"({total_bad} skipped in all). Lower optim.lr or check the data."
             )
+        return bool(stop_asked)
 
     pending = None  # (step, metrics) of the step before the one just queued
-    for step in range(start, end):
+    for step in range(start, steps):
         if step in gram_copies:  # the Gram teacher becomes the current EMA teacher (paper §4.2)
             state = run.copy_teacher_to_gram(state)
         host = next(iterator)
-        skipped_images += int(host.get("n_skipped", 0))
-        device_batch = parallel.host_to_global(to_sample_major(host, local_devices, host_offset), mesh, PER_SAMPLE_KEYS)
+        unreadable.add(host.pop("skipped_from"), host.pop("n_skipped"))
+        device_batch = parallel.host_to_global(
+            # A signal on any process reaches every process through the step: all stop at one step.
+            to_sample_major(host, local_devices, host_offset) | {"stop": np.full(host_batch, stop.signum is not None)},
+            mesh,
+            PER_SAMPLE_KEYS,
+        )
         sched = {k: np.float32(v) for k, v in schedules.at(step).items() if k in SCHEDULE_KEYS}
         state, metrics = step_fn(state, device_batch, sched)
         done = step + 1
-        # The previous step's streak, read once this step is queued (no stall of the device): a
-        # diverging run stops at most one step late, whatever the logging period.
-        if pending is not None:
-            check_divergence(*pending)
+        # The previous step's NaN streak and stop flag, read once this step is queued (no stall of
+        # the device): a diverging or interrupted run stops at most one step late.
+        stopping = pending is not None and read_back(*pending)
         pending = (done, metrics)
-        if done % cfg.runtime.log_every_steps == 0 or done == end:
+        if done % cfg.runtime.log_every_steps == 0 or done == steps or stopping:
             metrics = jax.device_get(metrics)
             total_bad = int(jax.device_get(state["nan_total"]))
             bar.set_postfix(
@@ -413,9 +447,13 @@ def _train(cfg: Config, out: Path, *, progress: bool, stop_at: int | None) -> di
                 }
             )
             if writer:
-                writer.write(done, dict(metrics) | {"skipped_steps": total_bad, "skipped_images": skipped_images})
-        if cfg.checkpointing.period and done % cfg.checkpointing.period == 0 and done < end:
-            ckpt.save(done, state, iterator.get_state(), resolved, data_start)
+                writer.write(done, dict(metrics) | {"skipped_steps": total_bad, "skipped_images": len(unreadable)})
+        bar.update(1)
+        if stopping:
+            end = done
+            break
+        if cfg.checkpointing.period and done % cfg.checkpointing.period == 0 and done < steps:
+            ckpt.save(done, state, about)
         if done % cfg.evaluation.eval_period_iterations == 0 and done < steps:
             backbone = teacher_backbone(state)  # a collective on multi-host FSDP: every process gathers
             if jax.process_index() == 0:
@@ -426,19 +464,21 @@ def _train(cfg: Config, out: Path, *, progress: bool, stop_at: int | None) -> di
                 f"step {done}: teacher k-NN "
                 + ", ".join(f"{k} {v:.1f}" for k, v in knn.items() if k.startswith("top1"))
             )
-        bar.update(1)
     if pending is not None:
-        check_divergence(*pending)
+        read_back(*pending)
     bar.close()
     if start < end:
-        ckpt.save(end, state, iterator.get_state(), resolved, data_start)
+        ckpt.save(end, state, about)
     ckpt.close()
-    if skipped_images:
-        print(f"{skipped_images} unreadable images were skipped (replaced by the next readable one)")
+    if unreadable:
+        print(
+            f"{len(unreadable)} unreadable images were skipped (each replaced by the next readable one): {unreadable.listing}"
+        )
     if end < steps:
         if writer:
             writer.close()
-        return {"steps": end, "stopped_early": True, "state": state}
+        print(f"stopped by {stop.name} after step {end} with a checkpoint; run the same command to resume")
+        return {"steps": end, "interrupted": stop.name, "state": state}
     elapsed = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ Export
@@ -451,7 +491,7 @@ def _train(cfg: Config, out: Path, *, progress: bool, stop_at: int | None) -> di
         "seconds": elapsed,
         "loss": float(metrics.get("loss", np.nan)) if metrics else None,
         "skipped_steps": int(jax.device_get(state["nan_total"])),
-        "skipped_images": skipped_images,
+        "skipped_images": len(unreadable),
         "teacher_backbone": str(export),
         "state": state,
     }

@@ -305,7 +305,9 @@ def make_train_step(
             "key": state["key"],
         }
         norms = {f"grad_norm_{k}": v for k, v in submodule_norms(grads).items()}  # before clipping
-        metrics = {"loss": loss, **parts, **norms, "finite": finite, "nan_streak": streak, **sched}
+        # Whether any process was asked to stop (SIGTERM / SIGINT): every process reads the same answer.
+        stop = jnp.any(batch["stop"]) if "stop" in batch else jnp.zeros((), bool)
+        metrics = {"loss": loss, **parts, **norms, "finite": finite, "nan_streak": streak, "stop": stop, **sched}
         return new_state, metrics
 
     return train_step

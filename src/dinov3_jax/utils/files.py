@@ -27,6 +27,28 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def writable_folder(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a folder this process can write into (made when missing), or a ValueError in one
+    line naming `what` and the path (a file in the way, a read-only or unreachable place)."""
+    import tempfile
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"{what} {path} cannot be written to: {err.strerror or err}") from None
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
 class FolderInUse(RuntimeError):
     """Another live process holds the folder's lock."""
 
