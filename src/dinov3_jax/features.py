@@ -151,6 +151,9 @@ class DiskRows(Rows):
         so the process's memory stays bounded while a large output is assembled)."""
         row_shape, dtype = self.shapes[key]
         dtype, row_size = np.dtype(dtype), math.prod(row_shape)
+        if row_size == 0:  # e.g. the registers [N, 0, C] of a model without any
+            yield np.empty((self.filled, *row_shape), dtype)
+            return
         step = max(1, CHUNK_BYTES // (row_size * dtype.itemsize))
         with open(self._path(key), "rb") as f:
             f.seek(self.offsets.get(key) or np.load(self._path(key), mmap_mode="r").offset)
