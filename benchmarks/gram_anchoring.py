@@ -56,8 +56,8 @@ from dinov3_jax.backbone import Backbone
 from dinov3_jax.configs import config_to_yaml, load_config, student_vit_config
 from dinov3_jax.eval import segment
 from dinov3_jax.eval.knn import KnnEvaluator
-from dinov3_jax.models.heads import SSLModel
-from dinov3_jax.train.main import head_configs, train
+from dinov3_jax.models.heads import SSLModel, head_configs
+from dinov3_jax.train.main import train
 from dinov3_jax.weights import load_backbone
 
 RUNS = ("no_gram", "gram")

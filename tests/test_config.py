@@ -402,10 +402,10 @@ schedules:
 def test_no_effect_keys_warn(caplog):
     assert "train.compile" in NO_EFFECT_KEYS
     with caplog.at_level(logging.WARNING, logger="dinov3_jax.configs"):
-        load_config("tiny_cpu", ["train.compile=false", "distillation.enabled=true", "optim.lr=0.003"])
+        load_config("tiny_cpu", ["train.compile=false", "hrft.enabled=true", "optim.lr=0.003"])
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "train.compile=False has no effect" in text
-    assert "distillation.enabled=True has no effect" in text
+    assert "hrft.enabled=True has no effect" in text
     assert "optim.lr" not in text
     with caplog.at_level(logging.WARNING, logger="dinov3_jax.configs"):
         caplog.clear()

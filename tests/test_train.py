@@ -16,7 +16,7 @@ from dinov3_jax import parallel
 from dinov3_jax.configs import ConfigError, load_config
 from dinov3_jax.data.pipeline import build_train_pipeline
 from dinov3_jax.data.sources import make_source
-from dinov3_jax.train.main import PER_SAMPLE_KEYS, SCHEDULE_KEYS, TrainingDiverged, setup, train
+from dinov3_jax.train.main import PER_SAMPLE_KEYS, SCHEDULE_KEYS, TrainingDiverged, saved_part, setup, train
 from dinov3_jax.train.step import to_sample_major
 
 # A very small run: 16 px global crops of 2×2 patches, 8 px local crops, 16 images a step. The
@@ -77,7 +77,9 @@ def run_steps(mesh, n_steps: int = 2, *, loss_groups: int = 8, mutate=None, extr
     states, metrics = [jax.device_get(state)], []
     for step, host in enumerate(host_batches()[:n_steps]):
         host = dict(host) if mutate is None else mutate(dict(host))
-        batch = parallel.host_to_global(to_sample_major(host, len(mesh.devices.flat)), mesh, PER_SAMPLE_KEYS)
+        # With the trainer's stop flags (none asked unless `mutate` sets some): the trainer's program.
+        flags = {"stop": host.get("stop", np.zeros(BATCH, bool))}
+        batch = parallel.host_to_global(to_sample_major(host, len(mesh.devices.flat)) | flags, mesh, PER_SAMPLE_KEYS)
         sched = {k: np.float32(v) for k, v in run.schedules.at(step).items() if k in SCHEDULE_KEYS}
         state, m = run.step_fn(state, batch, sched)
         states.append(jax.device_get(state))
@@ -185,10 +187,10 @@ def test_fsdp_shards_the_parameters():
 
 @pytest.mark.slow
 def test_exact_resume_after_a_signal_a_damaged_checkpoint_and_harmless_changes(tmp_path, monkeypatch, capsys):
-    """N steps in one go equal, bitwise on CPU: a run stopped by SIGTERM (a checkpoint at the step
-    it reached, exit code 128 + 15) and resumed with other data workers and logging; and a copy of
-    it whose newest checkpoint is truncated, resumed from the one before with a warning. Resuming
-    with another seed is refused, naming the key."""
+    """N steps in one go equal, bitwise on CPU, a run stopped by SIGTERM (a checkpoint at the step
+    it reached, exit code 128 + 15) and resumed with other data workers and logging. Resuming with
+    another seed is refused, naming the key; a truncated newest checkpoint is set aside with a
+    warning and the one before restored."""
     import os
     import shutil
     import signal
@@ -228,16 +230,23 @@ def test_exact_resume_after_a_signal_a_damaged_checkpoint_and_harmless_changes(t
     largest = max(files, key=lambda p: p.stat().st_size)
     largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
     capsys.readouterr()
-    for run, workers in (("b", 1), ("c", 0)):
-        harmless = [f"data.num_workers={workers}", "runtime.log_every_steps=2"]
-        resumed = train(micro_config(*overrides, *harmless, f"train.output_dir={tmp_path / run}"), progress=False)
-        assert resumed["steps"] == straight["steps"] == 6
-        for key in ("student", "teacher", "opt_state"):
-            a, b = jax.device_get(straight["state"][key]), jax.device_get(resumed["state"][key])
-            for x, y in zip(leaves(a), leaves(b)):
-                np.testing.assert_array_equal(x, y, err_msg=f"run {run}: {key}")
-    printed = capsys.readouterr().out
-    assert "checkpoint 5 is damaged" in printed and "resumed from" in printed
+    harmless = ["data.num_workers=1", "runtime.log_every_steps=2"]
+    resumed = train(micro_config(*overrides, *harmless, f"train.output_dir={tmp_path / 'b'}"), progress=False)
+    assert resumed["steps"] == straight["steps"] == 6
+    for key in ("student", "teacher", "opt_state"):
+        a, b = jax.device_get(straight["state"][key]), jax.device_get(resumed["state"][key])
+        for x, y in zip(leaves(a), leaves(b)):
+            np.testing.assert_array_equal(x, y, err_msg=key)
+    assert "resumed from" in capsys.readouterr().out
+    # The copy's newest checkpoint is truncated: set aside with a warning, the one before restored
+    # (the same restore as the resume above, from step 4).
+    from dinov3_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "c" / "checkpoints")
+    step, state = ckpt.restore_newest_intact(saved_part(resumed["state"]), tmp_path / "c" / "damaged_checkpoints")
+    ckpt.close()
+    assert step == 4 and int(state["step"]) == 4
+    assert "checkpoint 5 is damaged" in capsys.readouterr().out
     assert (tmp_path / "c" / "damaged_checkpoints" / "5").is_dir()  # set aside, not deleted
     assert (tmp_path / "b" / "teacher_backbone.safetensors").exists()
     assert (tmp_path / "b" / "metrics.jsonl").read_text().count("\n") >= 6
@@ -391,13 +400,13 @@ def test_a_stop_asked_on_one_process_is_seen_by_all():
     """The stop flag rides in the global batch and the step returns whether any row asked: the
     rows of one device (as one process of a multi-host run would feed) stop every process at the
     same step."""
-    cfg = micro_config()
-    mesh = parallel.make_mesh(8, 1)
-    run = setup(cfg, mesh, global_batch=BATCH, steps=6)
-    host = to_sample_major(dict(host_batches()[0]), 8)
-    sched = {k: np.float32(v) for k, v in run.schedules.at(0).items() if k in SCHEDULE_KEYS}
-    asked = np.zeros(BATCH, bool)
-    asked[-2:] = True  # the last device's two samples
-    batch = parallel.host_to_global(host | {"stop": asked}, mesh, PER_SAMPLE_KEYS)
-    _, metrics = run.step_fn(run.state, batch, sched)
-    assert bool(metrics["stop"])
+
+    def ask_on_the_last_device(host):
+        asked = np.zeros(BATCH, bool)
+        asked[-2:] = True  # the last device's two samples
+        return host | {"stop": asked}
+
+    _, metrics = run_steps(parallel.make_mesh(8, 1), n_steps=1, mutate=ask_on_the_last_device)
+    assert bool(metrics[0]["stop"])
+    _, metrics = run_steps(parallel.make_mesh(8, 1), n_steps=1)
+    assert not bool(metrics[0]["stop"])

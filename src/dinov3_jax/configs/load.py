@@ -38,7 +38,7 @@ from dinov3_jax.configs.schema import (
     ScheduleEntry,
     global_batch_size,
     mesh_shape,
-    student_vit_config,
+    student_backbone_config,
 )
 
 log = logging.getLogger(__name__)
@@ -490,9 +490,18 @@ def validate(cfg: Config) -> None:
 
     # Backbone (the arch name and the ViTConfig checks).
     try:
-        student_vit_config(cfg)
+        student_backbone_config(cfg)
     except ConfigError as e:
         problems.append(str(e))
+    if cfg.student.arch.startswith("convnext") and not cfg.distillation.enabled:
+        err("student.arch", f"a {cfg.student.arch} student trains by distillation only (distillation.enabled=true)")
+    if cfg.distillation.enabled and cfg.gram.use_loss:
+        err("gram.use_loss", "distillation has no Gram anchoring (the frozen teacher anchors the student)")
+    if cfg.crops.teacher_to_student_resolution_scale <= 0:
+        err(
+            "crops.teacher_to_student_resolution_scale",
+            f"must be > 0, got {cfg.crops.teacher_to_student_resolution_scale}",
+        )
     s = cfg.student
     at_least("student.patch_size", 1)
     at_least("student.n_storage_tokens", 0)

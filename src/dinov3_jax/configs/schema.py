@@ -22,7 +22,7 @@ import difflib
 import math
 from typing import Any, Literal
 
-from dinov3_jax.models.config import ViTConfig
+from dinov3_jax.models.config import ConvNeXtConfig, ViTConfig
 from dinov3_jax.models.registry import NORMALIZATION
 
 # Dtype names (those of dinov3_jax.models.config.DTYPES; "bf16" is bfloat16, never float16).
@@ -328,14 +328,19 @@ class Teacher:
 
 @dataclasses.dataclass(frozen=True)
 class Distillation:
-    """Distillation from a frozen teacher (not implemented: no effect)."""
+    """Distillation from a frozen teacher (paper §5.2; dinov3_jax.train.distill)."""
 
-    # Distil from the model of full_cfg_path / checkpoint_path.
+    # Train the student against the frozen teacher of full_cfg_path / checkpoint_path.
     enabled: bool = False
-    # Teacher's config file.
+    # The teacher's training config (a recipe name, a YAML file, or a run folder of ours); empty = the
+    # config.yaml of the run folder in checkpoint_path, or the architecture of the backbone file there.
     full_cfg_path: str = ""
-    # Teacher's checkpoint.
+    # The teacher's weights: a run folder or checkpoint of ours (backbone and heads), an official training
+    # checkpoint (teacher_checkpoint.pth, heads included), or any backbone file (no heads); "ignore" = random.
     checkpoint_path: str = ""
+    # Project addition: heads (the teacher's DINO/iBOT head targets, as the paper), features (the student's
+    # tokens regressed onto the teacher's, for a teacher without heads), or auto (heads when there are any).
+    objective: Literal["auto", "heads", "features"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,7 +458,8 @@ class Crops:
     rgb_mean: tuple[float, float, float] = NORMALIZATION["lvd"][0]
     # Normalisation std.
     rgb_std: tuple[float, float, float] = NORMALIZATION["lvd"][1]
-    # Multi-distillation teacher/student resolution ratio (distillation is not implemented: no effect).
+    # Distillation: the teacher sees the global crops downscaled by this factor, so that its patch grid
+    # matches the student's (2 for a stride-32 ConvNeXt student of a patch-16 teacher).
     teacher_to_student_resolution_scale: float = 1.0
 
 
@@ -601,8 +607,10 @@ class Compat:
     dino_head_wd_multiplier_never_applies: bool = True
     # Reproduce: gram.remove_only_teacher_neg never masks the student's similarities.
     gram_remove_only_teacher_neg_as_official: bool = True
-    # Reproduce: crops.teacher_to_student_resolution_scale is never applied (multi-distillation; no effect yet).
-    ignore_teacher_to_student_resolution_scale: bool = True
+    # Reproduce: crops.teacher_to_student_resolution_scale is never applied (teacher and student grids must
+    # then agree at scale 1). Off by default, unlike the other switches: upstream's configs that set the
+    # scale pair grids that differ without it, which only a silently wrong run could reproduce.
+    ignore_teacher_to_student_resolution_scale: bool = False
     # Reproduce: the effective blur probabilities are 0 / 0.9 / 0.5 (global 1 / global 2 / local), as trained.
     inverted_blur_probabilities: bool = True
 
@@ -714,14 +722,9 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "student.fp8_enabled": "fp8 is not implemented",
     "student.fp8_filter": "fp8 is not implemented",
     "teacher.in_chans": "",
-    "distillation.enabled": "distillation is not implemented",
-    "distillation.full_cfg_path": "distillation is not implemented",
-    "distillation.checkpoint_path": "distillation is not implemented",
     "multidistillation.enabled": "multi-distillation is not implemented",
     "multidistillation.global_batch_size": "multi-distillation is not implemented",
     "multidistillation.students": "multi-distillation is not implemented",
-    "crops.teacher_to_student_resolution_scale": "distillation is not implemented",
-    "compat.ignore_teacher_to_student_resolution_scale": "distillation is not implemented",
     "compute_precision.reduce_dtype": "gradients are reduced in fp32, the master parameters' dtype",
     "hrft.enabled": "",
     "hrft.checkpoint_path": "",
@@ -807,6 +810,7 @@ LEGACY_KEYS = frozenset(
 
 # Training arch functions: name -> (embed_dim, depth, num_heads, ffn_ratio) (RECIPE.md §1.1).
 ARCHS: dict[str, tuple[int, int, int, float]] = {
+    "vit_nano": (40, 2, 2, 4.0),  # project addition: a distillation student of vit_tiny, ~4x smaller
     "vit_tiny": (64, 3, 4, 4.0),  # project addition, for tests and CPU runs
     "vit_small": (384, 12, 6, 4.0),
     "vit_base": (768, 12, 12, 4.0),
@@ -877,6 +881,23 @@ def student_vit_config(cfg: Config) -> ViTConfig:
         )
     except ValueError as e:
         raise ConfigError(f"student: {e}") from None
+
+
+def student_backbone_config(cfg: Config) -> ViTConfig | ConvNeXtConfig:
+    """The student's backbone: a ViT (`student_vit_config`), or with `student.arch=convnext_{tiny,small,
+    base,large}` (distillation students, paper §5.2) that ConvNeXt with `student.drop_path_rate`."""
+    arch = cfg.student.arch
+    if not arch.startswith("convnext"):
+        return student_vit_config(cfg)
+    from dinov3_jax.models.registry import MODELS
+
+    spec = MODELS.get(f"dinov3_{arch}")
+    if spec is None or not isinstance(spec.config, ConvNeXtConfig):
+        sizes = sorted(n.removeprefix("dinov3_") for n, m in MODELS.items() if isinstance(m.config, ConvNeXtConfig))
+        raise ConfigError(f"student.arch: unknown ConvNeXt {arch!r}; known: {', '.join(sizes)}")
+    return dataclasses.replace(
+        spec.config, drop_path_rate=cfg.student.drop_path_rate, dtype=cfg.compute_precision.param_dtype
+    )
 
 
 def teacher_vit_config(cfg: Config) -> ViTConfig:

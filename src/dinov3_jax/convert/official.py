@@ -46,6 +46,27 @@ def strip_wrappers(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def heads_to_ours(sd: Mapping[str, np.ndarray]) -> dict[str, dict]:
+    """The DINO and iBOT heads of an official training checkpoint (`dino_head.mlp.{0,2,4}.*`,
+    `last_layer.weight`, RECIPE.md §2.2) as our pure parameter dicts (`mlp[i]` = `mlp.{2i}`,
+    kernels transposed); {} when it has none."""
+    heads: dict[str, dict] = {}
+    for key, value in sd.items():
+        for prefix in WRAPPER_PREFIXES:
+            key = key.replace(prefix, "") if prefix != "backbone." else key
+        head, _, rest = key.partition(".")
+        if f"{head}." not in HEAD_PREFIXES:
+            continue
+        parts = rest.split(".")
+        if parts[0] == "mlp":
+            node = heads.setdefault(head, {}).setdefault("mlp", {}).setdefault(int(parts[1]) // 2, {})
+        else:
+            node = heads.setdefault(head, {}).setdefault(parts[0], {})
+        value = np.asarray(value)
+        node["kernel" if parts[-1] == "weight" else "bias"] = value.T if parts[-1] == "weight" else value
+    return heads
+
+
 def to_ours(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tuple[float, ...] | None]:
     """Official flat state dict → (our flat dict, the periods stored in the file or None).
 

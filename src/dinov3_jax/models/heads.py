@@ -3,7 +3,9 @@
 MLP (Linear → exact GELU → ... → Linear to the bottleneck), L2 normalisation of the bottleneck,
 then `last_layer`: a bias-free Linear onto the K prototypes, *without* the weight normalisation
 of DINO / DINOv2. DINOv3 trains two separate heads: `dino_head` on CLS tokens and `ibot_head` on
-masked patch tokens; `SSLModel` is a backbone with both (the student, or its EMA teacher).
+masked patch tokens; `SSLModel` is a backbone (a ViT, or a ConvNeXt student in distillation)
+with both (the student, or its EMA teacher). `FeatureStudent` is the head-free alternative of
+feature distillation: linear projectors from the student's widths onto the teacher's.
 
 Names map onto the official state dict: `mlp[i]` is the official `mlp.{2i}` (the official MLP is
 an `nn.Sequential` whose odd entries are the parameter-free GELUs), `last_layer` is `last_layer`.
@@ -19,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dinov3_jax.models.config import ViTConfig, resolve_dtype
+from dinov3_jax.models.config import BackboneConfig, resolve_dtype
 from dinov3_jax.models.layers import exact_gelu, linear_init, logical
-from dinov3_jax.models.vit import DinoVisionTransformer
+from dinov3_jax.models.registry import backbone_class
 
 Array = jax.Array
 
@@ -148,26 +150,65 @@ class HeadConfig:
     # Std of the prototypes' initialisation (DINOv3: 0.02).
     last_layer_init_std: float = 0.02
 
+    @classmethod
+    def of(cls, section: Any) -> HeadConfig:
+        """From a config's `dino` or `ibot` section (`head_n_prototypes`, ...)."""
+        return cls(
+            section.head_n_prototypes,
+            section.head_bottleneck_dim,
+            section.head_hidden_dim,
+            section.head_nlayers,
+            section.head_norm_last_layer,
+            section.head_last_layer_init_std,
+        )
+
+
+def head_configs(cfg: Any) -> tuple[HeadConfig, HeadConfig]:
+    """The DINO and iBOT heads of a training config."""
+    return HeadConfig.of(cfg.dino), HeadConfig.of(cfg.ibot)
+
 
 class SSLModel(nnx.Module):
     """Backbone with its DINO (CLS) and iBOT (patch) heads: the student, or its EMA teacher."""
 
-    def __init__(self, vit: ViTConfig, dino_head: HeadConfig, ibot_head: HeadConfig, *, rngs: nnx.Rngs):
-        self.backbone = DinoVisionTransformer(vit, rngs=rngs)
+    def __init__(self, backbone: BackboneConfig, dino_head: HeadConfig, ibot_head: HeadConfig, *, rngs: nnx.Rngs):
+        self.backbone = backbone_class(backbone)(backbone, rngs=rngs)
 
         def head(h: HeadConfig) -> DINOHead:
             return DINOHead(
-                vit.embed_dim,
+                backbone.embed_dim,
                 h.n_prototypes,
                 hidden_dim=h.hidden_dim,
                 bottleneck_dim=h.bottleneck_dim,
                 nlayers=h.nlayers,
                 norm_last_layer=h.norm_last_layer,
                 last_layer_init_std=h.last_layer_init_std,
-                dtype=vit.dtype,
-                param_dtype=vit.param_dtype,
+                dtype=backbone.dtype,
+                param_dtype=backbone.param_dtype,
                 rngs=rngs,
             )
 
         self.dino_head = head(dino_head)
         self.ibot_head = head(ibot_head)
+
+
+class FeatureStudent(nnx.Module):
+    """A student backbone with two linear projectors (its width → the teacher's), one for the
+    CLS token and one for the patch tokens, for head-free feature distillation."""
+
+    def __init__(self, backbone: BackboneConfig, teacher_dim: int, *, rngs: nnx.Rngs):
+        self.backbone = backbone_class(backbone)(backbone, rngs=rngs)
+
+        def projector() -> nnx.Linear:
+            return nnx.Linear(
+                backbone.embed_dim,
+                teacher_dim,
+                dtype=_dtype(backbone.dtype),
+                param_dtype=_dtype(backbone.param_dtype),
+                kernel_init=logical(linear_init, "embed", "mlp"),
+                bias_init=logical(nnx.initializers.zeros_init(), "mlp"),
+                rngs=rngs,
+            )
+
+        self.cls_projector = projector()
+        self.patch_projector = projector()

@@ -33,15 +33,17 @@ from dinov3_jax.configs import (
     resume_differences,
     schedule_steps,
     source_kwargs,
-    student_vit_config,
+    student_backbone_config,
     total_steps,
     validate_for_devices,
 )
 from dinov3_jax.data.pipeline import UnreadableImages, build_train_pipeline
 from dinov3_jax.data.sources import make_source
 from dinov3_jax.eval.knn import KnnEvaluator, knn_split_problem
-from dinov3_jax.models.heads import HeadConfig, SSLModel
+from dinov3_jax.models.heads import FeatureStudent, SSLModel, head_configs
+from dinov3_jax.models.registry import stride_of
 from dinov3_jax.models.vit import DinoVisionTransformer
+from dinov3_jax.train.distill import frozen_backbone, read_teacher
 from dinov3_jax.train.optim import optimizer_from_config
 from dinov3_jax.train.schedules import build_schedules, gram_teacher_copies
 from dinov3_jax.train.start import NO_PATH, place_like, read_start_weights, restore_run_state
@@ -77,20 +79,6 @@ SCHEDULE_KEYS = (
 
 class TrainingDiverged(RuntimeError):
     """Raised after too many consecutive non-finite steps."""
-
-
-def head_configs(cfg: Config) -> tuple[HeadConfig, HeadConfig]:
-    def head(section) -> HeadConfig:
-        return HeadConfig(
-            section.head_n_prototypes,
-            section.head_bottleneck_dim,
-            section.head_hidden_dim,
-            section.head_nlayers,
-            section.head_norm_last_layer,
-            section.head_last_layer_init_std,
-        )
-
-    return head(cfg.dino), head(cfg.ibot)
 
 
 def loss_config(cfg: Config, n_devices: int, global_batch: int) -> LossConfig:
@@ -159,6 +147,9 @@ class TrainingSetup:
     loss_config: LossConfig
     # Jitted state → state with the Gram teacher set to the EMA teacher's backbone (None without).
     copy_teacher_to_gram: Any = None
+    # The graph of the frozen teacher of a distillation run, whose parameters are the state's
+    # `distill_teacher` (None without).
+    distill_def: Any = None
 
 
 def start_weights(cfg: Config, vit, abstract_params: dict) -> tuple[dict | None, Any]:
@@ -177,16 +168,21 @@ def setup(cfg: Config, mesh, *, global_batch: int, steps: int, loss_groups: int 
     directly into their shardings, or from the configured start weights), the optimizer, the
     state and the jitted step for `mesh`. `loss_groups` overrides the per-device grouping of KoLeo
     and Gram (one group per device by default, RECIPE.md §4.4)."""
-    student_vit = student_vit_config(cfg)
+    student_vit = student_backbone_config(cfg)
     dino_head, ibot_head = head_configs(cfg)
+    # Read (and check) every file before anything compiles.
+    distill_teacher = read_teacher(cfg, student_vit) if cfg.distillation.enabled else None
+    feature_student = distill_teacher is not None and distill_teacher.config.objective == "features"
+    teacher_dim = distill_teacher.backbone.embed_dim if feature_student else None
 
     def build(vit, seed):
+        if feature_student:  # head-free: projectors onto the teacher's width
+            return FeatureStudent(vit, teacher_dim, rngs=nnx.Rngs(seed))
         return SSLModel(vit, dino_head, ibot_head, rngs=nnx.Rngs(seed))
 
     abstract_params = nnx.state(nnx.eval_shape(lambda: build(student_vit, 0)), nnx.Param).to_pure_dict()
-    # Read (and check) every file before anything compiles.
     start, student_vit = start_weights(cfg, student_vit, abstract_params)
-    teacher_vit = student_vit.replace(drop_path_rate=0.0)
+    teacher_vit = dataclasses.replace(student_vit, drop_path_rate=0.0)
     gram_weights = None
     if uses_gram_teacher(cfg) and cfg.gram.ckpt not in NO_PATH:
         gram_weights, gram_vit = read_start_weights(
@@ -236,17 +232,26 @@ def setup(cfg: Config, mesh, *, global_batch: int, steps: int, loss_groups: int 
         state["gram_teacher"] = (
             place_like(gram_weights["backbone"], backbone) if gram_weights else jax.tree.map(jnp.copy, backbone)
         )
+    distill_def = None
+    if distill_teacher is not None:
+        # Frozen, sharded by the same rule table as the student (FSDP splits a large teacher too).
+        distill_def = distill_teacher.graphdef
+        axes = parallel.logical_axes(nnx.eval_shape(lambda: nnx.merge(distill_def, nnx.State(distill_teacher.params))))
+        shardings = parallel.param_shardings(axes, distill_teacher.params, mesh)
+        state["distill_teacher"] = jax.device_put(distill_teacher.params, shardings)
     # Parameters and Adam moments keep their FSDP shardings; everything else is replicated.
     placed = lambda x: x.sharding if getattr(x.sharding, "mesh", None) == mesh else repl  # noqa: E731
     state = jax.device_put(state, jax.tree.map(placed, state))
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     lc = loss_config(cfg, mesh.size, global_batch)
+    if distill_teacher is not None:
+        lc = dataclasses.replace(lc, distill=distill_teacher.config)
     if loss_groups:
         lc = dataclasses.replace(
             lc, koleo_groups=loss_groups, gram=lc.gram and dataclasses.replace(lc.gram, groups=loss_groups)
         )
     step_fn = jax.jit(
-        make_train_step(student_def, teacher_def, tx, lc, gram_def),
+        make_train_step(student_def, teacher_def, tx, lc, gram_def, distill_def),
         in_shardings=(state_sh, None, repl),
         out_shardings=(state_sh, repl),
         donate_argnums=0,
@@ -270,6 +275,7 @@ def setup(cfg: Config, mesh, *, global_batch: int, steps: int, loss_groups: int 
         init_params=init_params,
         loss_config=lc,
         copy_teacher_to_gram=copy_teacher_to_gram,
+        distill_def=distill_def,
     )
 
 
@@ -294,6 +300,14 @@ def train(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     # and race for the checkpoints. Process 0 holds the lock for the processes of one run.
     with folder_lock(out) if jax.process_index() == 0 else contextlib.nullcontext(), stop_on_signals() as stop:
         return _train(cfg, out, stop, progress=progress)
+
+
+# Read again from its file on resume, never saved: the frozen teacher of a distillation run.
+NOT_CHECKPOINTED = ("distill_teacher",)
+
+
+def saved_part(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k not in NOT_CHECKPOINTED}
 
 
 def check_resume(ckpt: Checkpointer, about: dict[str, Any], cfg: Config) -> None:
@@ -345,9 +359,10 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
 
     # ------------------------------------------------------------------ Restore (this run, or the run it continues)
     start = 0
-    restored = ckpt.restore_newest_intact(state, out / "damaged_checkpoints")
+    restored = ckpt.restore_newest_intact(saved_part(state), out / "damaged_checkpoints")
     if restored is not None:
-        start, state = restored
+        start, restored_state = restored
+        state = {**state, **restored_state}
         print(f"resumed from {out / 'checkpoints'} at step {start}")
     elif cfg.train.continue_from:
         state, start, new_keys = restore_run_state(cfg.train.continue_from, state, "train.continue_from")
@@ -363,6 +378,8 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
         cfg=cfg,
         crops=crops,
         per_host_batch=host_batch,
+        # The masks are drawn on the student's patch grid (a ConvNeXt student's stride is 32).
+        patch_size=stride_of(student_backbone_config(cfg)),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         # Batch t depends only on t: the stream of a resumed (or continued) run starts at its step.
@@ -453,7 +470,7 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
             end = done
             break
         if cfg.checkpointing.period and done % cfg.checkpointing.period == 0 and done < steps:
-            ckpt.save(done, state, about)
+            ckpt.save(done, saved_part(state), about)
         if done % cfg.evaluation.eval_period_iterations == 0 and done < steps:
             backbone = teacher_backbone(state)  # a collective on multi-host FSDP: every process gathers
             if jax.process_index() == 0:
@@ -468,7 +485,7 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
         read_back(*pending)
     bar.close()
     if start < end:
-        ckpt.save(end, state, about)
+        ckpt.save(end, saved_part(state), about)
     ckpt.close()
     if unreadable:
         print(
@@ -501,6 +518,9 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
         # The same network as it was before training (same seed, same initialisation).
         random_init = nnx.merge(teacher_def, nnx.State(parallel.gather_to_host(run.init_params(cfg.train.seed))))
         result["knn_random_init"] = evaluator(random_init.backbone)
+        if run.distill_def is not None:
+            frozen = frozen_backbone(run.distill_def, parallel.gather_to_host(state["distill_teacher"]))
+            result["knn_distillation_teacher"] = evaluator(frozen)
     if writer:
         writer.close()
     if jax.process_index() == 0:
@@ -519,7 +539,9 @@ def format_result(result: dict[str, Any]) -> str:
         for name, label in (
             ("knn_raw_pixels", "raw pixels"),
             ("knn_random_init", "random-init model"),
-            ("knn_teacher", "trained teacher"),
+            ("knn_distillation_teacher", "distillation teacher"),
+            ("knn_teacher", "trained (EMA) model"),
         ):
-            lines.append(f"{label:24}" + "".join(f"{result[name][k]:10.1f}" for k in keys))
+            if name in result:
+                lines.append(f"{label:24}" + "".join(f"{result[name][k]:10.1f}" for k in keys))
     return "\n".join(lines)

@@ -63,7 +63,7 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
     return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _check_tree(found, expected, what: str, source: str) -> None:
+def check_tree(found, expected, what: str, source: str) -> None:
     """Same names and shapes, or a ConfigError listing every difference."""
     flat_found, flat_expected = _shapes(found), _shapes(expected)
     problems = [f"missing {k}" for k in flat_expected if k not in flat_found]
@@ -90,7 +90,7 @@ def read_start_weights(path: str, vit: ViTConfig, expected: dict, what: str) -> 
     if found is not None:
         manager, step = found
         saved = manager.item_metadata(step).state.tree["teacher"]
-        _check_tree(
+        check_tree(
             {k: v for k, v in saved.items() if k in expected}, expected, what, f"{p} (teacher of checkpoint {step})"
         )
         teacher = _restore_subtree(manager, step, "teacher", expected)
@@ -111,7 +111,7 @@ def read_start_weights(path: str, vit: ViTConfig, expected: dict, what: str) -> 
     from flax import nnx
 
     backbone = nnx.state(model, nnx.Param).to_pure_dict()
-    _check_tree({"backbone": backbone}, {"backbone": expected["backbone"]}, what, str(p))
+    check_tree({"backbone": backbone}, {"backbone": expected["backbone"]}, what, str(p))
     log.info("%s: backbone from %s (fresh heads)", what, p)
     return {"backbone": jax.tree.map(np.asarray, backbone)}, vit.replace(rope_periods=model.config.rope_periods)
 
@@ -127,7 +127,7 @@ def restore_run_state(run_dir: str, like_state: dict, what: str) -> tuple[dict, 
     saved = manager.item_metadata(step).state.tree
     extra = set(like_state) - set(saved)
     target = {k: v for k, v in like_state.items() if k in saved}
-    _check_tree({k: saved[k] for k in target}, target, what, f"{run_dir} (checkpoint {step})")
+    check_tree({k: saved[k] for k in target}, target, what, f"{run_dir} (checkpoint {step})")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
     # Partial: that run may hold what this one does not (e.g. a Gram teacher this stage drops).

@@ -37,7 +37,7 @@ from dinov3_jax.losses import (
     softmax_center,
     update_center,
 )
-from dinov3_jax.models.heads import SSLModel
+from dinov3_jax.models.heads import SSLModel, l2_normalize
 from dinov3_jax.train.optim import submodule_norms
 
 Array = jax.Array
@@ -64,6 +64,16 @@ class GramConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Static distillation settings (`distillation.*`, dinov3_jax.train.distill)."""
+
+    # "heads" (the teacher's DINO/iBOT targets) or "features" (its tokens, through projectors).
+    objective: str = "heads"
+    # The teacher sees the global crops downscaled by this factor (1: as they are).
+    scale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class LossConfig:
     """Static loss settings (RECIPE.md §4.6)."""
 
@@ -82,6 +92,8 @@ class LossConfig:
     koleo_groups: int = 1
     # Gram anchoring; None = no Gram loss.
     gram: GramConfig | None = None
+    # Distillation from a frozen teacher; None = self-distillation from the EMA teacher.
+    distill: DistillConfig | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,17 +187,98 @@ def resize_to_grid(patches: Array, image_hw, patch: int, grid: tuple[int, int], 
     return x.reshape(patches.shape[0], grid[0] * grid[1], -1)
 
 
+def teacher_view(batch: dict, scale: float) -> dict:
+    """The batch as a distillation teacher sees it: the global crops [B, 2, H, W, 3] downscaled by
+    `scale` (antialiased bilinear), so that its patch grid is the student's."""
+    if scale == 1:
+        return batch
+    g = batch["global_crops"]
+    size = (round(g.shape[2] / scale), round(g.shape[3] / scale))
+    return {**batch, "global_crops": jax.image.resize(g, (*g.shape[:2], *size, g.shape[4]), "linear", antialias=True)}
+
+
+def teacher_tokens(backbone: nnx.Module, batch: dict) -> tuple[Array, Array]:
+    """A frozen teacher's normalised CLS [2B, D] and patch tokens [2B, P, D] of the global crops
+    (the targets of feature distillation)."""
+    g = batch["global_crops"]
+    out = backbone.forward_features(g.reshape(g.shape[0] * 2, *g.shape[2:]))
+    return jax.lax.stop_gradient((out["x_norm_clstoken"], out["x_norm_patchtokens"]))
+
+
+def _dino_scales(lc: LossConfig, n_local: int) -> tuple[float, float]:
+    """DINOv2-style scales of the cross-global and the local→global terms (RECIPE.md §4.2)."""
+    terms_global = 2 if lc.global_ignore_diagonal else 4
+    terms_local = 2 * n_local
+    return terms_global / (terms_global + terms_local), terms_local / (terms_global + terms_local)
+
+
+def _koleo(cls_2b: Array, b: int, lc: LossConfig) -> Array:
+    """KoLeo of each global crop's CLS tokens [2B, D] within groups of consecutive samples."""
+    cls = cls_2b.reshape(b, 2, -1)
+    return jnp.mean(
+        jnp.stack([koleo_loss(cls[:, c].reshape(lc.koleo_groups, b // lc.koleo_groups, -1)) for c in range(2)])
+    )
+
+
+def feature_losses(
+    student: nnx.Module, batch: dict, tokens: tuple[Array, Array], key: Array, weights: dict, lc: LossConfig
+):
+    """Feature distillation (`distillation.objective=features`): cosine distances of the student's
+    projected tokens to the teacher's `tokens` (CLS [2B, D_t], patches [2B, P, D_t]): global CLS
+    to the same crop's, every local crop's CLS to both global crops' of its image, every patch to
+    the same patch; KoLeo on the student's CLS. Weighted by `dino.loss_weight` (CLS terms, with
+    the DINO global/local scales), `ibot.loss_weight` (patches) and the KoLeo weight."""
+    t_cls, t_patch = tokens
+    g, loc = batch["global_crops"], batch["local_crops"]
+    b, n_local = g.shape[0], loc.shape[1]
+    k_global, k_local = jax.random.split(key)
+
+    def distance(s: Array, t: Array) -> Array:
+        s, t = s.astype(jnp.float32), t.astype(jnp.float32)
+        return 1.0 - jnp.sum(l2_normalize(s, 1e-12) * l2_normalize(t, 1e-12), axis=-1)
+
+    out_g = student.backbone.forward_features(g.reshape(b * 2, *g.shape[2:]), training=True, key=k_global)
+    cls_global = jnp.mean(distance(student.cls_projector(out_g["x_norm_clstoken"]), t_cls))
+    patch = jnp.mean(distance(student.patch_projector(out_g["x_norm_patchtokens"]), t_patch))
+    cls_local = jnp.zeros((), jnp.float32)
+    if n_local:
+        out_l = student.backbone.forward_features(
+            loc.reshape(b * n_local, *loc.shape[2:]), training=True, key=k_local, local_crops=True
+        )
+        s_local = student.cls_projector(out_l["x_norm_clstoken"]).reshape(b, n_local, 1, -1)
+        cls_local = jnp.mean(distance(s_local, t_cls.reshape(b, 1, 2, -1)))
+    koleo = _koleo(out_g["x_norm_clstoken"], b, lc)
+    scale_global, scale_local = _dino_scales(lc, n_local)
+    total = (
+        lc.dino_weight * (scale_local * weights["dino_local_weight"] * cls_local + scale_global * cls_global)
+        + lc.koleo_weight * 2 * koleo
+        + lc.ibot_weight * patch
+    )
+    return total, {"cls_local": cls_local, "cls_global": cls_global, "patch": patch, "koleo": koleo}
+
+
 def student_losses(
-    student: SSLModel, batch: dict, targets, gram_t: Array | None, key: Array, weights: dict, lc: LossConfig
+    student: SSLModel,
+    batch: dict,
+    targets,
+    gram_t: Array | None,
+    key: Array,
+    weights: dict,
+    lc: LossConfig,
+    *,
+    masked: bool = True,
 ):
     """The total loss and its terms. `gram_t` [2B, P, D]: the Gram targets (None without Gram);
-    `weights`: this step's `dino_local_weight` and `gram_weight`."""
+    `weights`: this step's `dino_local_weight` and `gram_weight`. `masked=False` (distillation)
+    feeds the global crops unmasked; the iBOT terms still use the sampled mask positions."""
     dino_t, ibot_t = targets
     g, loc = batch["global_crops"], batch["local_crops"]
     b, n_local = g.shape[0], loc.shape[1]
     k_global, k_local = jax.random.split(key)
     masks = batch["masks"].reshape(b * 2, -1)
-    out_g = student.backbone.forward_features(g.reshape(b * 2, *g.shape[2:]), masks, training=True, key=k_global)
+    out_g = student.backbone.forward_features(
+        g.reshape(b * 2, *g.shape[2:]), masks if masked else None, training=True, key=k_global
+    )
     s_global = _crops_first(student.dino_head(out_g["x_norm_clstoken"]), b)
     patches = out_g["x_norm_patchtokens"]
     s_patch = student.ibot_head(patches.reshape(-1, patches.shape[-1])[batch["mask_indices"]])
@@ -200,15 +293,8 @@ def student_losses(
         dino_local = jnp.zeros((), jnp.float32)
     dino_global = dino_loss(s_global, dino_t, student_temp=lc.student_temp, ignore_diagonal=lc.global_ignore_diagonal)
     ibot = ibot_loss(s_patch, ibot_t, batch["mask_weights"], n_images=2 * b, student_temp=lc.student_temp)
-    cls = out_g["x_norm_clstoken"].reshape(b, 2, -1)
-    koleo = jnp.mean(
-        jnp.stack([koleo_loss(cls[:, c].reshape(lc.koleo_groups, b // lc.koleo_groups, -1)) for c in range(2)])
-    )
-    # DINOv2-style scales: cross-global pairs vs local→global pairs (RECIPE.md §4.2).
-    terms_global = 2 if lc.global_ignore_diagonal else 4
-    terms_local = 2 * n_local
-    scale_global = terms_global / (terms_global + terms_local)
-    scale_local = terms_local / (terms_global + terms_local)
+    koleo = _koleo(out_g["x_norm_clstoken"], b, lc)
+    scale_global, scale_local = _dino_scales(lc, n_local)
     total = (
         lc.dino_weight * (scale_local * weights["dino_local_weight"] * dino_local + scale_global * dino_global)
         + lc.koleo_weight * 2 * koleo
@@ -252,17 +338,30 @@ def make_train_step(
     tx: optax.GradientTransformation,
     lc: LossConfig,
     gram_def: nnx.GraphDef | None = None,
+    distill_def: nnx.GraphDef | None = None,
 ):
     """The pure step. `state` = {student, teacher, opt_state, centers, step, nan_streak,
     nan_worst_streak, nan_total, key} and, with a separate Gram teacher, `gram_teacher` (the
-    parameters of the backbone `gram_def`, never updated here); `sched` = this step's schedule values (lr, wd, momentum,
-    teacher_temp, last_layer_lr, backbone_lr_scale, dino_local_weight, gram_weight) as scalars, so
-    changing them never recompiles."""
+    parameters of the backbone `gram_def`, never updated here); in distillation `distill_teacher`
+    (the parameters of the frozen `distill_def`, never updated) gives the targets and `teacher` is
+    the student's EMA. `sched` = this step's schedule values (lr, wd, momentum, teacher_temp,
+    last_layer_lr, backbone_lr_scale, dino_local_weight, gram_weight) as scalars, so changing
+    them never recompiles."""
+    features = lc.distill is not None and lc.distill.objective == "features"
 
     def train_step(state: dict, batch: dict, sched: dict) -> tuple[dict, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
-        teacher = nnx.merge(teacher_def, nnx.State(state["teacher"]))
-        targets, centers, teacher_patches = teacher_targets(teacher, batch, sched["teacher_temp"], state["centers"], lc)
+        temp, centers = sched["teacher_temp"], state["centers"]
+        if lc.distill is None:
+            teacher = nnx.merge(teacher_def, nnx.State(state["teacher"]))
+            targets, centers, teacher_patches = teacher_targets(teacher, batch, temp, centers, lc)
+        else:
+            frozen = nnx.merge(distill_def, nnx.State(state["distill_teacher"]))
+            view = teacher_view(batch, lc.distill.scale)
+            if features:
+                targets = teacher_tokens(frozen, view)
+            else:
+                targets, centers, _ = teacher_targets(frozen, view, temp, centers, lc)
         gram_t = None
         if lc.gram is not None and lc.gram.ema_teacher:
             gram_t = teacher_patches
@@ -273,7 +372,9 @@ def make_train_step(
 
         def loss_fn(params):
             student = nnx.merge(student_def, nnx.State(params))
-            return student_losses(student, batch, targets, gram_t, key, sched, lc)
+            if features:
+                return feature_losses(student, batch, targets, key, sched, lc)
+            return student_losses(student, batch, targets, gram_t, key, sched, lc, masked=lc.distill is None)
 
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["student"])
         updates, opt_state = tx.update(
