@@ -67,7 +67,7 @@ def official_teacher(tmp_path_factory):
 
 
 def test_heads_distillation_from_an_official_checkpoint_into_a_smaller_student(official_teacher, tmp_path, capsys):
-    """vit_nano/16 (40 wide, 2 blocks) learns from the frozen vit_tiny/8 teacher (64 wide, 3
+    """vit_nano/16 (32 wide, 2 blocks) learns from the frozen vit_tiny/8 teacher (64 wide, 3
     blocks) on 32 px crops, the teacher seeing them at 16 px (scale 2: both grids 2×2)."""
     folder, torch_heads = official_teacher
     cfg = micro_config(
@@ -99,12 +99,12 @@ def test_heads_distillation_from_an_official_checkpoint_into_a_smaller_student(o
     reference = nnx.state(load_backbone(weights=folder / "backbone.pth"), nnx.Param).to_pure_dict()
     for got, want in zip(jax.tree.leaves(frozen["backbone"]), jax.tree.leaves(reference)):
         np.testing.assert_array_equal(got, want)
-    # The student (40 wide) moved; its EMA is what the run exports.
+    # The student (32 wide) moved; its EMA is what the run exports.
     assert not all(
         np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state["student"]), jax.tree.leaves(state["teacher"]))
     )
     exported = load_backbone(weights=tmp_path / "run" / "teacher_backbone.safetensors")
-    assert (exported.config.embed_dim, exported.config.depth, exported.config.patch_size) == (40, 2, 16)
+    assert (exported.config.embed_dim, exported.config.depth, exported.config.patch_size) == (32, 2, 16)
 
 
 def test_a_released_backbone_distils_by_features_into_a_convnext_student(official_teacher, tmp_path, capsys):
