@@ -14,15 +14,12 @@ falls back to the newest intact one.
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-
-log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -74,10 +71,6 @@ class Checkpointer:
                 return step, self.restore(step, like_state)
             except Exception as err:  # orbax and tensorstore raise many kinds for a damaged file
                 reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                log.warning(
-                    "checkpoint %d in %s cannot be read (%s); it is moved to %s and the run resumes from an "
-                    "older one", step, self.directory, reason[:300], set_aside / str(step),
-                )  # fmt: skip
                 print(f"warning: checkpoint {step} is damaged ({reason[:200]}); moved to {set_aside / str(step)}")
                 if jax.process_index() == 0:
                     set_aside.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flax import nnx
 
 from dinov3_jax.configs import Config, ConfigError, load_config, teacher_vit_config
@@ -190,12 +189,5 @@ def _read_weights(path: Path, recipe: Config | None, heads) -> tuple[ViTConfig, 
         found = heads_to_ours(read_torch(path))
         if found:
             check_tree(found, {k: abstract[k] for k in found}, what, str(path))
-            weights = {**weights, **{k: {**v} for k, v in found.items()}}
-    return vit, host_arrays(weights)
-
-
-def host_arrays(tree: Any) -> Any:
-    """Host NumPy arrays (the weights are placed on the mesh later)."""
-    if isinstance(tree, dict):
-        return {k: host_arrays(v) for k, v in tree.items()}
-    return np.asarray(tree)
+            weights = {**weights, **found}
+    return vit, weights

@@ -205,11 +205,19 @@ def teacher_tokens(backbone: nnx.Module, batch: dict) -> tuple[Array, Array]:
     return jax.lax.stop_gradient((out["x_norm_clstoken"], out["x_norm_patchtokens"]))
 
 
-def _dino_scales(lc: LossConfig, n_local: int) -> tuple[float, float]:
-    """DINOv2-style scales of the cross-global and the local→global terms (RECIPE.md §4.2)."""
+def _weighted_total(
+    lc: LossConfig, weights: dict, n_local: int, local: Array, global_: Array, patch: Array, koleo: Array
+):
+    """The loss: the CLS terms with the DINOv2-style scales of the local→global and cross-global
+    pairs (RECIPE.md §4.2), the patch term and KoLeo, each with its weight."""
     terms_global = 2 if lc.global_ignore_diagonal else 4
     terms_local = 2 * n_local
-    return terms_global / (terms_global + terms_local), terms_local / (terms_global + terms_local)
+    scale_global, scale_local = terms_global / (terms_global + terms_local), terms_local / (terms_global + terms_local)
+    return (
+        lc.dino_weight * (scale_local * weights["dino_local_weight"] * local + scale_global * global_)
+        + lc.koleo_weight * 2 * koleo
+        + lc.ibot_weight * patch
+    )
 
 
 def _koleo(cls_2b: Array, b: int, lc: LossConfig) -> Array:
@@ -248,12 +256,7 @@ def feature_losses(
         s_local = student.cls_projector(out_l["x_norm_clstoken"]).reshape(b, n_local, 1, -1)
         cls_local = jnp.mean(distance(s_local, t_cls.reshape(b, 1, 2, -1)))
     koleo = _koleo(out_g["x_norm_clstoken"], b, lc)
-    scale_global, scale_local = _dino_scales(lc, n_local)
-    total = (
-        lc.dino_weight * (scale_local * weights["dino_local_weight"] * cls_local + scale_global * cls_global)
-        + lc.koleo_weight * 2 * koleo
-        + lc.ibot_weight * patch
-    )
+    total = _weighted_total(lc, weights, n_local, cls_local, cls_global, patch, koleo)
     return total, {"cls_local": cls_local, "cls_global": cls_global, "patch": patch, "koleo": koleo}
 
 
@@ -294,12 +297,7 @@ def student_losses(
     dino_global = dino_loss(s_global, dino_t, student_temp=lc.student_temp, ignore_diagonal=lc.global_ignore_diagonal)
     ibot = ibot_loss(s_patch, ibot_t, batch["mask_weights"], n_images=2 * b, student_temp=lc.student_temp)
     koleo = _koleo(out_g["x_norm_clstoken"], b, lc)
-    scale_global, scale_local = _dino_scales(lc, n_local)
-    total = (
-        lc.dino_weight * (scale_local * weights["dino_local_weight"] * dino_local + scale_global * dino_global)
-        + lc.koleo_weight * 2 * koleo
-        + lc.ibot_weight * ibot
-    )
+    total = _weighted_total(lc, weights, n_local, dino_local, dino_global, ibot, koleo)
     metrics = {"dino_local": dino_local, "dino_global": dino_global, "ibot": ibot, "koleo": koleo}
     if lc.gram is not None:
         gc = lc.gram
