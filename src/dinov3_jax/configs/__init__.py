@@ -14,6 +14,7 @@ from dinov3_jax.configs.load import (
     list_recipes,
     load_config,
     resume_differences,
+    student_configs,
     validate,
     validate_for_devices,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "schedule_steps",
     "source_kwargs",
     "student_backbone_config",
+    "student_configs",
     "student_vit_config",
     "teacher_vit_config",
     "total_steps",

@@ -69,12 +69,13 @@ def _read_source(path_or_name: str) -> tuple[str, str]:
             return path.read_text(encoding="utf-8"), str(path)
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not a text (YAML) file") from None
+    stem = re.sub(r"\.ya?ml$", "", path_or_name)
+    recipe = _recipes_dir().joinpath(*stem.split("/"))
+    recipe = recipe.parent.joinpath(f"{recipe.name}.yaml")
+    if recipe.is_file():  # a bare name, or a student's file such as students/vits16
+        return recipe.read_text(), f"built-in recipe {stem}"
     if "/" in path_or_name or "\\" in path_or_name:
         raise ConfigError(f"config file {path_or_name!r} does not exist")
-    stem = re.sub(r"\.ya?ml$", "", path_or_name)
-    recipe = _recipes_dir().joinpath(f"{stem}.yaml")
-    if recipe.is_file():
-        return recipe.read_text(), f"built-in recipe {stem}"
     names = list_recipes()
     close = difflib.get_close_matches(stem, names, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -393,6 +394,76 @@ def resume_differences(stored: dict, current: dict, allow: Sequence[str] = ()) -
     ]
 
 
+# Multi-distillation: what each student may set for itself. Everything else (crops, data, masks,
+# the teacher, the run's length, seed, mesh and outputs) is the run's and must be the same for all:
+# the students share one batch, one mask draw and one teacher pass.
+PER_STUDENT_KEYS = ("student", "dino", "ibot.loss_weight", "ibot.head_", "optim", "schedules", "teacher")
+SHARED_BY_STUDENTS_EXCEPTIONS = ("optim.epochs", "multidistillation")
+
+
+def _per_student(key: str) -> bool:
+    if _under_any(key, SHARED_BY_STUDENTS_EXCEPTIONS):
+        return False
+    return any(key.startswith(p) if p.endswith("_") else _under_any(key, (p,)) for p in PER_STUDENT_KEYS)
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def student_configs(cfg: Config) -> dict[str, Config]:
+    """The config of each student of a multi-distillation run (RECIPE.md §5.8), by name: defaults
+    ← the student's file (`multidistillation.students[*].config_path`, a path or a built-in recipe
+    name) ← the run's own config, whose keys win as upstream's (a key the run leaves at its default
+    does not override the student's). Raises a ConfigError naming the key and the students when
+    they disagree on a key they must share."""
+    base = cfg.multidistillation
+    reference = dataclasses.replace(Config(), schedules=cfg.schedules and type(cfg.schedules)())
+    defaults = _flatten(config_to_dict(reference))
+    mine = {
+        k: v
+        for k, v in _flatten(config_to_dict(dataclasses.replace(cfg, multidistillation=type(base)()))).items()
+        if k not in defaults or defaults[k] != v
+    }
+    configs: dict[str, Config] = {}
+    for student in base.students:
+        text, label = _read_source(student.config_path)
+        try:
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"multidistillation.students[{student.name}]: cannot parse {label}: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"multidistillation.students[{student.name}]: {label} is not a mapping of sections")
+        raw.pop("multidistillation", None)
+        ctx = _Context(f"student {student.name} ({label})")
+        merged = _merge(Config(), raw, "", ctx)
+        ctx.source = "the multi-distillation config"
+        merged = _merge(merged, _unflatten(mine), "", ctx)
+        try:
+            validate(merged)
+        except ConfigError as e:
+            raise ConfigError(f"multidistillation.students[{student.name}] ({label}): {e}") from None
+        configs[student.name] = merged
+    flat = {name: _flatten(config_to_dict(c)) for name, c in configs.items()}
+    first, *others = flat
+    for name in others:
+        for key in sorted(flat[first].keys() | flat[name].keys()):
+            if not _per_student(key) and flat[first].get(key) != flat[name].get(key):
+                raise ConfigError(
+                    f"multidistillation: students {first} and {name} differ in {key} "
+                    f"({flat[first].get(key)!r} vs {flat[name].get(key)!r}); the students share the batch, the "
+                    f"masks, the teacher and the run's length: set {key} once, in the multi-distillation config"
+                )
+    return configs
+
+
 @functools.cache
 def _all_keys() -> tuple[str, ...]:
     """Every dotted leaf key of the schema (nested dataclasses expanded, optional ones included)."""
@@ -497,6 +568,22 @@ def validate(cfg: Config) -> None:
         err("student.arch", f"a {cfg.student.arch} student trains by distillation only (distillation.enabled=true)")
     if cfg.distillation.enabled and cfg.gram.use_loss:
         err("gram.use_loss", "distillation has no Gram anchoring (the frozen teacher anchors the student)")
+    md = cfg.multidistillation
+    if md.enabled:
+        names = [s.name for s in md.students]
+        if not cfg.distillation.enabled:
+            err("multidistillation.enabled", "needs distillation.enabled=true and its teacher (distillation.*)")
+        if not names:
+            err("multidistillation.students", "is empty: list each student's name and config_path")
+        for s in md.students:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", s.name):
+                err("multidistillation.students", f"name {s.name!r}: use letters, digits, _ . + - (a folder name)")
+            if not s.config_path:
+                err("multidistillation.students", f"{s.name}: config_path is empty")
+        if len(set(names)) < len(names):
+            err("multidistillation.students", f"names must differ, got {names}")
+        if md.global_batch_size is not None and md.global_batch_size < 1:
+            err("multidistillation.global_batch_size", f"must be ≥ 1, got {md.global_batch_size}")
     if cfg.crops.teacher_to_student_resolution_scale <= 0:
         err(
             "crops.teacher_to_student_resolution_scale",
@@ -723,8 +810,12 @@ def validate_for_devices(cfg: Config, n_devices: int) -> None:
         mesh_shape(cfg, n_devices)
     except ConfigError as e:
         problems.append(str(e))
-    per_device = cfg.train.batch_size_per_gpu
     batch = global_batch_size(cfg, n_devices)
+    per_device = batch // n_devices
+    if batch % n_devices:
+        problems.append(
+            f"multidistillation.global_batch_size: {batch} images do not split evenly over {n_devices} devices"
+        )
     group = cfg.dino.koleo_distributed_loss_group_size
     if cfg.dino.koleo_loss_distributed and group is not None and (group % per_device or batch % group or group < 2):
         problems.append(

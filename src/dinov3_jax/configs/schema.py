@@ -345,23 +345,24 @@ class Distillation:
 
 @dataclasses.dataclass(frozen=True)
 class MultiDistillationStudent:
-    """One student of a multi-distillation run (no effect)."""
+    """One student of a multi-distillation run (RECIPE.md §5.8; dinov3_jax.train.distill)."""
 
-    # Student name.
+    # Student name: its folder under the run's students/ (config, exported backbone).
     name: str = ""
-    # Student config file.
+    # Student config file (a path or a built-in recipe name), merged under the run's config.
     config_path: str = ""
-    # [first, last) ranks training this student.
+    # Upstream's [first, last) ranks of this student; no effect (with a warning): here every student
+    # trains on every device on the whole global batch.
     ranks_range: tuple[int, int] = (0, 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class MultiDistillation:
-    """Several students distilled at once (not implemented: no effect)."""
+    """Several students distilled at once from one teacher pass (paper §5.2; dinov3_jax.train.distill)."""
 
-    # Multi-distillation mode.
+    # Multi-distillation mode (with distillation.enabled and its teacher).
     enabled: bool = False
-    # Global batch over all students.
+    # Images per step, seen by every student; None = train.batch_size_per_gpu × devices.
     global_batch_size: int | None = None
     # The students.
     students: tuple[MultiDistillationStudent, ...] = ()
@@ -635,9 +636,9 @@ class Config:
     student: Student = Student()
     # EMA teacher (v1 schedules).
     teacher: Teacher = Teacher()
-    # Distillation (no effect).
+    # Distillation from a frozen teacher.
     distillation: Distillation = Distillation()
-    # Multi-distillation (no effect).
+    # Several students at once.
     multidistillation: MultiDistillation = MultiDistillation()
     # Official, unused.
     hrft: Hrft = Hrft()
@@ -693,7 +694,7 @@ PROJECT_SECTIONS = ("mesh", "distributed", "data", "runtime", "compat")
 # Official keys that this implementation reads nowhere: accepted, with a one-line warning when
 # they are given a value other than the official default. Value = hint appended to the warning.
 NO_EFFECT_KEYS: dict[str, str] = {
-    "MODEL.META_ARCHITECTURE": "only SSL pretraining is implemented",
+    "MODEL.META_ARCHITECTURE": "distillation.enabled and multidistillation.enabled choose the kind of run",
     "MODEL.DEVICE": "JAX picks the devices",
     "MODEL.WEIGHTS": "",
     "MODEL.DTYPE": "see compute_precision",
@@ -722,9 +723,6 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "student.fp8_enabled": "fp8 is not implemented",
     "student.fp8_filter": "fp8 is not implemented",
     "teacher.in_chans": "",
-    "multidistillation.enabled": "multi-distillation is not implemented",
-    "multidistillation.global_batch_size": "multi-distillation is not implemented",
-    "multidistillation.students": "multi-distillation is not implemented",
     "compute_precision.reduce_dtype": "gradients are reduced in fp32, the master parameters' dtype",
     "hrft.enabled": "",
     "hrft.checkpoint_path": "",
@@ -929,7 +927,11 @@ def source_kwargs(cfg: Config, num_samples: int | None) -> dict[str, Any]:
 
 
 def global_batch_size(cfg: Config, n_devices: int) -> int:
-    """Images per step over all devices: train.batch_size_per_gpu × n_devices."""
+    """Images per step over all devices: train.batch_size_per_gpu × n_devices, or
+    multidistillation.global_batch_size when it is set (every student sees all of them)."""
+    md = cfg.multidistillation
+    if md.enabled and md.global_batch_size is not None:
+        return md.global_batch_size
     return cfg.train.batch_size_per_gpu * n_devices
 
 

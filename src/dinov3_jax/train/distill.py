@@ -24,6 +24,12 @@ pair token i with token i. The teacher sees the global crops downscaled by
 teacher), which upstream looks up under the wrong name and so never applies;
 `compat.ignore_teacher_to_student_resolution_scale=true` reproduces that (the grids must then
 agree at scale 1). A mismatch is an error naming both grids, raised before anything compiles.
+
+Multi-distillation (`multidistillation.enabled`, paper §5.2: the released ViT-S/S+/B/L were
+trained at once): `configs.student_configs` merges each student's config (defaults ← its file ←
+the run's keys), the teacher is read once, and `step.make_multi_student_step` runs it once per
+batch for every student. Upstream's per-student rank ranges are not needed: every student is on
+every device and sees the whole global batch (README, "Several students at once").
 """
 
 from __future__ import annotations
@@ -50,12 +56,13 @@ RANDOM_TEACHER = ("", "ignore")  # the official test configs distil from a rando
 class Teacher:
     """The frozen teacher: the graph of its module (an `SSLModel` for the heads objective, a
     backbone for the features objective), its parameters (a pure dict of host arrays), its
-    backbone's config and the step's static settings."""
+    backbone's config, the objective and, for the heads objective, its heads' configs."""
 
     graphdef: nnx.GraphDef
     params: dict[str, Any]
     backbone: ViTConfig
-    config: DistillConfig
+    objective: str
+    heads: tuple[HeadConfig, HeadConfig] | None
 
 
 def frozen_backbone(graphdef: nnx.GraphDef, params: dict[str, Any]) -> nnx.Module:
@@ -103,9 +110,9 @@ def _grid_check(cfg: Config, student_stride: int, teacher_patch: int) -> float:
     return scale
 
 
-def read_teacher(cfg: Config, student_backbone: Any) -> Teacher:
-    """The frozen teacher of `cfg.distillation`, read and checked against the student (prototype
-    counts, patch grid) before anything compiles."""
+def read_teacher(cfg: Config) -> Teacher:
+    """The frozen teacher of `cfg.distillation`, read (and its objective settled) before anything
+    compiles; `distill_config` checks each student against it."""
     d = cfg.distillation
     recipe = _teacher_recipe(cfg)
     path = d.checkpoint_path
@@ -127,9 +134,6 @@ def read_teacher(cfg: Config, student_backbone: Any) -> Teacher:
             f"distillation.objective=heads: {path} holds no DINO/iBOT heads (a released backbone); use "
             "distillation.objective=features, or a training checkpoint or run folder with heads"
         )
-    if objective == "heads":
-        _check_prototypes(cfg, heads)
-    scale = _grid_check(cfg, stride_of(student_backbone), vit.patch_size)
 
     def build():
         if objective == "heads":
@@ -146,7 +150,16 @@ def read_teacher(cfg: Config, student_backbone: Any) -> Teacher:
         params = weights if objective == "heads" else weights["backbone"]
     source = "random" if weights is None else str(path)
     print(f"distillation: {objective} objective; teacher {vit.embed_dim} wide, {vit.depth} blocks, from {source}")
-    return Teacher(graphdef, params, vit, DistillConfig(objective=objective, scale=scale))
+    return Teacher(graphdef, params, vit, objective, heads if objective == "heads" else None)
+
+
+def distill_config(teacher: Teacher, cfg: Config, student_backbone: Any) -> DistillConfig:
+    """The step's distillation settings for the student of `cfg`, after checking that it scores
+    the teacher's prototypes and shares its patch grid (errors naming both values)."""
+    if teacher.heads is not None:
+        _check_prototypes(cfg, teacher.heads)
+    scale = _grid_check(cfg, stride_of(student_backbone), teacher.backbone.patch_size)
+    return DistillConfig(objective=teacher.objective, scale=scale)
 
 
 def _check_prototypes(cfg: Config, heads: tuple[HeadConfig, HeadConfig]) -> None:

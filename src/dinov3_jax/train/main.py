@@ -34,6 +34,7 @@ from dinov3_jax.configs import (
     schedule_steps,
     source_kwargs,
     student_backbone_config,
+    student_configs,
     total_steps,
     validate_for_devices,
 )
@@ -43,11 +44,17 @@ from dinov3_jax.eval.knn import KnnEvaluator, knn_split_problem
 from dinov3_jax.models.heads import FeatureStudent, SSLModel, head_configs
 from dinov3_jax.models.registry import stride_of
 from dinov3_jax.models.vit import DinoVisionTransformer
-from dinov3_jax.train.distill import frozen_backbone, read_teacher
+from dinov3_jax.train.distill import Teacher, distill_config, frozen_backbone, read_teacher
 from dinov3_jax.train.optim import optimizer_from_config
 from dinov3_jax.train.schedules import build_schedules, gram_teacher_copies
 from dinov3_jax.train.start import NO_PATH, place_like, read_start_weights, restore_run_state
-from dinov3_jax.train.step import GramConfig, LossConfig, make_train_step, to_sample_major
+from dinov3_jax.train.step import (
+    GramConfig,
+    LossConfig,
+    make_multi_student_step,
+    make_train_step,
+    to_sample_major,
+)
 from dinov3_jax.utils.files import atomic_write_text, folder_lock, writable_folder
 from dinov3_jax.utils.metrics import MetricsWriter
 from dinov3_jax.utils.signals import StopRequest, stop_on_signals
@@ -133,23 +140,63 @@ def opt_state_shardings(tx, params, param_sh, repl):
 
 
 @dataclasses.dataclass
+class StudentRun:
+    """One student's part of a run: its config, graphs, optimizer, loss settings and schedules."""
+
+    cfg: Config
+    student_def: Any
+    teacher_def: Any  # the graph of its EMA (drop path off)
+    tx: Any
+    loss_config: LossConfig
+    schedules: Any
+    init_params: Any  # seed → the student's initial parameters (host-sharded like the state)
+
+
+@dataclasses.dataclass
 class TrainingSetup:
-    """Everything the loop needs, built from the config for one mesh."""
+    """Everything the loop needs, built from the config for one mesh. A single-student run's
+    state holds its student's part (STUDENT_KEYS) at the top; a multi-distillation run's holds
+    one per student under `students`."""
 
     mesh: Any
     state: dict
     state_shardings: Any
     step_fn: Any
-    schedules: Any
-    student_def: Any
-    teacher_def: Any
-    init_params: Any
-    loss_config: LossConfig
+    # By name; a single-student run has one, named "".
+    students: dict[str, StudentRun]
     # Jitted state → state with the Gram teacher set to the EMA teacher's backbone (None without).
     copy_teacher_to_gram: Any = None
     # The graph of the frozen teacher of a distillation run, whose parameters are the state's
     # `distill_teacher` (None without).
     distill_def: Any = None
+
+    @property
+    def multi(self) -> bool:
+        return "" not in self.students
+
+    def _single(self) -> StudentRun:
+        return self.students[""]
+
+    schedules = property(lambda self: self._single().schedules)
+    student_def = property(lambda self: self._single().student_def)
+    teacher_def = property(lambda self: self._single().teacher_def)
+    init_params = property(lambda self: self._single().init_params)
+    loss_config = property(lambda self: self._single().loss_config)
+
+    def student_states(self, state: dict) -> dict[str, dict]:
+        """Each student's part of `state` (STUDENT_KEYS), by name."""
+        return state["students"] if self.multi else {"": state}
+
+    def schedule_values(self, step: int) -> dict:
+        """The step's schedule values: one dict, or one per student name in a multi-student run."""
+        values = {
+            name: {k: np.float32(v) for k, v in s.schedules.at(step).items() if k in SCHEDULE_KEYS}
+            for name, s in self.students.items()
+        }
+        return values if self.multi else values[""]
+
+    def skipped_steps(self, state: dict) -> int:
+        return sum(int(jax.device_get(s["nan_total"])) for s in self.student_states(state).values())
 
 
 def start_weights(cfg: Config, vit, abstract_params: dict) -> tuple[dict | None, Any]:
@@ -163,21 +210,17 @@ def start_weights(cfg: Config, vit, abstract_params: dict) -> tuple[dict | None,
     return None, vit
 
 
-def setup(cfg: Config, mesh, *, global_batch: int, steps: int, loss_groups: int | None = None) -> TrainingSetup:
-    """`steps` is the length the schedules are laid out over. Builds the models (initialised
-    directly into their shardings, or from the configured start weights), the optimizer, the
-    state and the jitted step for `mesh`. `loss_groups` overrides the per-device grouping of KoLeo
-    and Gram (one group per device by default, RECIPE.md §4.4)."""
+def build_student(cfg: Config, mesh, teacher: Teacher | None, *, global_batch: int, steps: int):
+    """One student: (StudentRun, its part of the state: STUDENT_KEYS and, with a separate Gram
+    teacher, `gram_teacher`, the Gram teacher's graph or None). Its models are initialised directly
+    into their shardings, or from the configured start weights."""
     student_vit = student_backbone_config(cfg)
     dino_head, ibot_head = head_configs(cfg)
-    # Read (and check) every file before anything compiles.
-    distill_teacher = read_teacher(cfg, student_vit) if cfg.distillation.enabled else None
-    feature_student = distill_teacher is not None and distill_teacher.config.objective == "features"
-    teacher_dim = distill_teacher.backbone.embed_dim if feature_student else None
+    distill = distill_config(teacher, cfg, student_vit) if teacher is not None else None
 
     def build(vit, seed):
-        if feature_student:  # head-free: projectors onto the teacher's width
-            return FeatureStudent(vit, teacher_dim, rngs=nnx.Rngs(seed))
+        if distill is not None and distill.objective == "features":  # head-free: projectors onto the teacher's width
+            return FeatureStudent(vit, teacher.backbone.embed_dim, rngs=nnx.Rngs(seed))
         return SSLModel(vit, dino_head, ibot_head, rngs=nnx.Rngs(seed))
 
     abstract_params = nnx.state(nnx.eval_shape(lambda: build(student_vit, 0)), nnx.Param).to_pure_dict()
@@ -198,64 +241,104 @@ def setup(cfg: Config, mesh, *, global_batch: int, steps: int, loss_groups: int 
 
     student_def = nnx.graphdef(nnx.eval_shape(lambda: build(student_vit, 0)))
     teacher_abstract = nnx.eval_shape(lambda: build(teacher_vit, 0))
-    teacher_def = nnx.graphdef(teacher_abstract)
     axes = parallel.logical_axes(teacher_abstract)
     param_sh = parallel.param_shardings(axes, abstract_params, mesh)
 
     def init_params(seed):
         return nnx.state(build(student_vit, seed), nnx.Param).to_pure_dict()
 
-    params = jax.jit(init_params, static_argnums=0, out_shardings=param_sh)(cfg.train.seed)
+    init_params = jax.jit(init_params, static_argnums=0, out_shardings=param_sh)
+    params = init_params(cfg.train.seed)
     if start is not None:  # the given sub-modules replace the random ones (fresh heads for a bare backbone)
         params = {**params, **place_like(start, {k: params[k] for k in start})}
     tx = optimizer_from_config(cfg, params)
     repl = parallel.replicated(mesh)
     k_dino, k_ibot = cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes
-    state = {
+    part = {
         "student": params,
         # The teacher starts as a copy of the student (RECIPE.md §5.1).
         "teacher": jax.tree.map(jnp.copy, params),
         # Adam moments are sharded exactly like the parameters they follow (FSDP saves their memory too).
         "opt_state": jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, param_sh, repl))(params),
         "centers": {"dino": jnp.zeros((1, k_dino), jnp.float32), "ibot": jnp.zeros((1, k_ibot), jnp.float32)},
-        "step": jnp.zeros((), jnp.int32),
         "nan_streak": jnp.zeros((), jnp.int32),
         "nan_worst_streak": jnp.zeros((), jnp.int32),
         "nan_total": jnp.zeros((), jnp.int32),
-        "key": jax.random.key_data(jax.random.key(cfg.train.seed)),
     }
     gram_def = None
     if uses_gram_teacher(cfg):
         # A frozen backbone sharded like the teacher's (no optimizer state, paper §4.2).
         gram_def = nnx.graphdef(nnx.eval_shape(lambda: DinoVisionTransformer(gram_vit, rngs=nnx.Rngs(0))))
         backbone = params["backbone"]
-        state["gram_teacher"] = (
+        part["gram_teacher"] = (
             place_like(gram_weights["backbone"], backbone) if gram_weights else jax.tree.map(jnp.copy, backbone)
         )
+    lc = dataclasses.replace(loss_config(cfg, mesh.size, global_batch), distill=distill)
+    run = StudentRun(
+        cfg=cfg,
+        student_def=student_def,
+        teacher_def=nnx.graphdef(teacher_abstract),
+        tx=tx,
+        loss_config=lc,
+        schedules=build_schedules(cfg, steps, global_batch),
+        init_params=init_params,
+    )
+    return run, part, gram_def
+
+
+def setup(cfg: Config, mesh, *, global_batch: int, steps: int, loss_groups: int | None = None) -> TrainingSetup:
+    """`steps` is the length the schedules are laid out over. Builds the models, the optimizer,
+    the state and the jitted step for `mesh`: of one student, or of every student of a
+    multi-distillation run (`student_configs`) around one frozen teacher. `loss_groups`
+    overrides the per-device grouping of KoLeo and Gram (one group per device by default,
+    RECIPE.md §4.4)."""
+    # Read (and check) every file before anything compiles.
+    configs = student_configs(cfg) if cfg.multidistillation.enabled else {"": cfg}
+    if any(s.ranks_range != (0, 0) for s in cfg.multidistillation.students):
+        log.warning(
+            "multidistillation.students[*].ranks_range has no effect: every student trains on every device, "
+            "on the whole global batch, from one teacher pass (README, Distillation)"
+        )
+    distill_teacher = read_teacher(cfg) if cfg.distillation.enabled else None
+    for student_cfg in configs.values() if distill_teacher is not None else ():
+        distill_config(distill_teacher, student_cfg, student_backbone_config(student_cfg))
+    students, parts, gram_def = {}, {}, None
+    for name, student_cfg in configs.items():
+        students[name], parts[name], gram_def = build_student(
+            student_cfg, mesh, distill_teacher, global_batch=global_batch, steps=steps
+        )
+        if loss_groups:
+            lc = students[name].loss_config
+            lc = dataclasses.replace(
+                lc, koleo_groups=loss_groups, gram=lc.gram and dataclasses.replace(lc.gram, groups=loss_groups)
+            )
+            students[name] = dataclasses.replace(students[name], loss_config=lc)
+    lengths = {name: total_steps(c) for name, c in configs.items()}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError(f"multidistillation: the students' runs differ in length (steps: {lengths})")
+    common = {"step": jnp.zeros((), jnp.int32), "key": jax.random.key_data(jax.random.key(cfg.train.seed))}
+    state = {"students": parts, **common} if cfg.multidistillation.enabled else {**parts[""], **common}
     distill_def = None
     if distill_teacher is not None:
-        # Frozen, sharded by the same rule table as the student (FSDP splits a large teacher too).
+        # Frozen, sharded by the same rule table as the students (FSDP splits a large teacher too).
         distill_def = distill_teacher.graphdef
         axes = parallel.logical_axes(nnx.eval_shape(lambda: nnx.merge(distill_def, nnx.State(distill_teacher.params))))
         shardings = parallel.param_shardings(axes, distill_teacher.params, mesh)
         state["distill_teacher"] = jax.device_put(distill_teacher.params, shardings)
     # Parameters and Adam moments keep their FSDP shardings; everything else is replicated.
+    repl = parallel.replicated(mesh)
     placed = lambda x: x.sharding if getattr(x.sharding, "mesh", None) == mesh else repl  # noqa: E731
     state = jax.device_put(state, jax.tree.map(placed, state))
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    lc = loss_config(cfg, mesh.size, global_batch)
-    if distill_teacher is not None:
-        lc = dataclasses.replace(lc, distill=distill_teacher.config)
-    if loss_groups:
-        lc = dataclasses.replace(
-            lc, koleo_groups=loss_groups, gram=lc.gram and dataclasses.replace(lc.gram, groups=loss_groups)
+    if cfg.multidistillation.enabled:
+        (dc,) = {s.loss_config.distill for s in students.values()}  # one teacher view: the crops are shared
+        step = make_multi_student_step(
+            {name: (s.student_def, s.tx, s.loss_config) for name, s in students.items()}, distill_def, dc
         )
-    step_fn = jax.jit(
-        make_train_step(student_def, teacher_def, tx, lc, gram_def, distill_def),
-        in_shardings=(state_sh, None, repl),
-        out_shardings=(state_sh, repl),
-        donate_argnums=0,
-    )
+    else:
+        s = students[""]
+        step = make_train_step(s.student_def, s.teacher_def, s.tx, s.loss_config, gram_def, distill_def)
+    step_fn = jax.jit(step, in_shardings=(state_sh, None, repl), out_shardings=(state_sh, repl), donate_argnums=0)
     copy_teacher_to_gram = None
     if gram_def is not None:
         copy_teacher_to_gram = jax.jit(
@@ -269,11 +352,7 @@ def setup(cfg: Config, mesh, *, global_batch: int, steps: int, loss_groups: int 
         state=state,
         state_shardings=state_sh,
         step_fn=step_fn,
-        schedules=build_schedules(cfg, steps, global_batch),
-        student_def=student_def,
-        teacher_def=teacher_def,
-        init_params=init_params,
-        loss_config=lc,
+        students=students,
         copy_teacher_to_gram=copy_teacher_to_gram,
         distill_def=distill_def,
     )
@@ -319,9 +398,13 @@ def check_resume(ckpt: Checkpointer, about: dict[str, Any], cfg: Config) -> None
             stored = ckpt.about(step)
         except Exception:  # a damaged checkpoint: the restore sets it aside and compares an older one
             continue
+        allow = cfg.runtime.resume_allow_changes
         before = {**yaml.safe_load(stored["config"]), "run": stored.get("run", about["run"])}
         now = {**yaml.safe_load(about["config"]), "run": about["run"]}
-        changed = resume_differences(before, now, cfg.runtime.resume_allow_changes)
+        changed = resume_differences(before, now, allow)
+        was, will = ({k: yaml.safe_load(v) for k, v in meta.get("students", {}).items()} for meta in (stored, about))
+        for name in sorted(was.keys() | will.keys()):  # each student's merged config
+            changed += [f"{name}: {line}" for line in resume_differences(was.get(name, {}), will.get(name, {}), allow)]
         if changed:
             keys = ",".join(sorted({line.split(":", 1)[0] for line in changed}))
             raise ConfigError(
@@ -344,18 +427,22 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
     # ------------------------------------------------------------------ Checkpoints (before anything is written)
     resolved = config_to_yaml(cfg)
     about = {"config": resolved, "run": {"global_batch": batch, "processes": jax.process_count()}}
+    if cfg.multidistillation.enabled:
+        about["students"] = {name: config_to_yaml(c) for name, c in student_configs(cfg).items()}
     ckpt = Checkpointer(
         out / "checkpoints", max_to_keep=cfg.checkpointing.max_to_keep, keep_every=cfg.checkpointing.keep_every
     )
     check_resume(ckpt, about, cfg)
     if jax.process_index() == 0:
         atomic_write_text(out / "config.yaml", resolved)
+        for name, text in about.get("students", {}).items():  # each student's folder: its config, then its backbone
+            atomic_write_text(writable_folder(out / "students" / name, "train.output_dir") / "config.yaml", text)
         print(resolved)
     writer = MetricsWriter(out) if jax.process_index() == 0 else None
 
     # ------------------------------------------------------------------ Model, optimizer, state, step
     run = setup(cfg, mesh, global_batch=batch, steps=schedule_steps(cfg))
-    state, step_fn, schedules, teacher_def = run.state, run.step_fn, run.schedules, run.teacher_def
+    state, step_fn = run.state, run.step_fn
 
     # ------------------------------------------------------------------ Restore (this run, or the run it continues)
     start = 0
@@ -403,14 +490,24 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
             local_mesh = mesh if jax.process_count() == 1 else parallel.make_mesh(devices=jax.local_devices())
             evaluator = KnnEvaluator(cfg, local_mesh)
 
-    def teacher_backbone(state) -> DinoVisionTransformer:
-        model = nnx.merge(teacher_def, nnx.State(parallel.gather_to_host(state["teacher"])))
-        return model.backbone
+    def ema_backbones(state) -> dict[str, nnx.Module]:
+        """Each student's EMA backbone, gathered to the host (a collective on multi-host FSDP: every
+        process gathers), by name ("" in a single-student run)."""
+        return {
+            name: nnx.merge(
+                run.students[name].teacher_def, nnx.State(parallel.gather_to_host(part["teacher"]))
+            ).backbone
+            for name, part in run.student_states(state).items()
+        }
 
-    def evaluate(step: int, backbone: DinoVisionTransformer) -> dict[str, float]:
+    def folder_of(name: str) -> Path:
+        """Where a student's backbone goes: the run folder, or its folder under students/."""
+        return out / "students" / name if name else out
+
+    def evaluate(step: int, backbone: nnx.Module, name: str = "") -> dict[str, float]:
         result = evaluator(backbone)
         if writer:
-            writer.write(step, {f"knn/{k}": v for k, v in result.items()})
+            writer.write(step, {f"knn/{name + '/' if name else ''}{k}": v for k, v in result.items()})
         return result
 
     # ------------------------------------------------------------------ Loop
@@ -426,7 +523,7 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
         streak, stop_asked = jax.device_get((step_metrics["nan_streak"], step_metrics["stop"]))
         if streak > cfg.runtime.nan_max_consecutive:
             ckpt.close()
-            total_bad = int(jax.device_get(state["nan_total"]))
+            total_bad = run.skipped_steps(state)
             raise TrainingDiverged(
                 f"{streak} consecutive steps up to step {at} had a non-finite loss or gradient (more than "
                 f"runtime.nan_max_consecutive={cfg.runtime.nan_max_consecutive}); their updates were skipped "
@@ -446,8 +543,7 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
             mesh,
             PER_SAMPLE_KEYS,
         )
-        sched = {k: np.float32(v) for k, v in schedules.at(step).items() if k in SCHEDULE_KEYS}
-        state, metrics = step_fn(state, device_batch, sched)
+        state, metrics = step_fn(state, device_batch, run.schedule_values(step))
         done = step + 1
         # The previous step's NaN streak and stop flag, read once this step is queued (no stall of
         # the device): a diverging or interrupted run stops at most one step late.
@@ -455,14 +551,9 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
         pending = (done, metrics)
         if done % cfg.runtime.log_every_steps == 0 or done == steps or stopping:
             metrics = jax.device_get(metrics)
-            total_bad = int(jax.device_get(state["nan_total"]))
-            bar.set_postfix(
-                {
-                    k: f"{float(metrics[k]):.3f}"
-                    for k in ("loss", "dino_local", "dino_global", "ibot", "koleo", "gram")
-                    if k in metrics
-                }
-            )
+            total_bad = run.skipped_steps(state)
+            shown = ("loss",) if run.multi else ("loss", "dino_local", "dino_global", "ibot", "koleo", "gram")
+            bar.set_postfix({k: f"{float(v):.3f}" for k, v in metrics.items() if k.split("/")[-1] in shown})
             if writer:
                 writer.write(done, dict(metrics) | {"skipped_steps": total_bad, "skipped_images": len(unreadable)})
         bar.update(1)
@@ -472,15 +563,17 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
         if cfg.checkpointing.period and done % cfg.checkpointing.period == 0 and done < steps:
             ckpt.save(done, saved_part(state), about)
         if done % cfg.evaluation.eval_period_iterations == 0 and done < steps:
-            backbone = teacher_backbone(state)  # a collective on multi-host FSDP: every process gathers
-            if jax.process_index() == 0:
-                save_backbone(backbone, out / "eval" / f"training_{done}" / "teacher_backbone.safetensors")
+            for name, backbone in ema_backbones(state).items():
+                if jax.process_index() == 0:
+                    path = folder_of(name) / "eval" / f"training_{done}" / "teacher_backbone.safetensors"
+                    save_backbone(backbone, path)
         if evaluator and cfg.runtime.knn_every_steps and done % cfg.runtime.knn_every_steps == 0 and done < steps:
-            knn = evaluate(done, teacher_backbone(state))
-            bar.write(
-                f"step {done}: teacher k-NN "
-                + ", ".join(f"{k} {v:.1f}" for k, v in knn.items() if k.startswith("top1"))
-            )
+            for name, backbone in ema_backbones(state).items():
+                knn = evaluate(done, backbone, name)
+                bar.write(
+                    f"step {done}: {name or 'teacher'} k-NN "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in knn.items() if k.startswith("top1"))
+                )
     if pending is not None:
         read_back(*pending)
     bar.close()
@@ -499,25 +592,32 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
     elapsed = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ Export
-    backbone = teacher_backbone(state)
-    export = out / "teacher_backbone.safetensors"
+    backbones = ema_backbones(state)
+    exports = {name: folder_of(name) / "teacher_backbone.safetensors" for name in backbones}
     if jax.process_index() == 0:
-        save_backbone(backbone, export)
+        for name, backbone in backbones.items():
+            save_backbone(backbone, exports[name])
     result: dict[str, Any] = {
         "steps": steps,
         "seconds": elapsed,
-        "loss": float(metrics.get("loss", np.nan)) if metrics else None,
-        "skipped_steps": int(jax.device_get(state["nan_total"])),
+        "loss": None,
+        "skipped_steps": run.skipped_steps(state),
         "skipped_images": len(unreadable),
-        "teacher_backbone": str(export),
         "state": state,
     }
+    if run.multi:  # each student's EMA, exported and evaluated on its own
+        result["student_backbones"] = {name: str(path) for name, path in exports.items()}
+        result["loss"] = {name: float(metrics[f"{name}/loss"]) for name in backbones} if metrics else None
+    else:
+        result["teacher_backbone"] = str(exports[""])
+        result["loss"] = float(metrics.get("loss", np.nan)) if metrics else None
     if evaluator:
-        result["knn_teacher"] = evaluate(steps, backbone)  # the exported teacher, gathered once
+        for name, backbone in backbones.items():  # the exported EMA, gathered once
+            result[f"knn_student_{name}" if name else "knn_teacher"] = evaluate(steps, backbone, name)
         result["knn_raw_pixels"] = evaluator.raw_pixels()
-        # The same network as it was before training (same seed, same initialisation).
-        random_init = nnx.merge(teacher_def, nnx.State(parallel.gather_to_host(run.init_params(cfg.train.seed))))
-        result["knn_random_init"] = evaluator(random_init.backbone)
+        if not run.multi:  # the same network as it was before training (same seed, same initialisation)
+            init = parallel.gather_to_host(run.init_params(cfg.train.seed))
+            result["knn_random_init"] = evaluator(nnx.merge(run.teacher_def, nnx.State(init)).backbone)
         if run.distill_def is not None:
             frozen = frozen_backbone(run.distill_def, parallel.gather_to_host(state["distill_teacher"]))
             result["knn_distillation_teacher"] = evaluator(frozen)
@@ -530,18 +630,21 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
 
 
 def format_result(result: dict[str, Any]) -> str:
+    exported = result.get("student_backbones") or {"teacher": result["teacher_backbone"]}
     lines = [
-        f"trained {result['steps']} steps in {result['seconds']:.0f} s; teacher backbone: {result['teacher_backbone']}"
+        f"trained {result['steps']} steps in {result['seconds']:.0f} s; "
+        + "; ".join(f"{name} backbone: {path}" for name, path in exported.items())
     ]
-    if "knn_teacher" in result:
-        keys = [k for k in result["knn_teacher"] if k.startswith("top1")]
+    rows = [
+        ("knn_raw_pixels", "raw pixels"),
+        ("knn_random_init", "random-init model"),
+        ("knn_distillation_teacher", "distillation teacher"),
+        ("knn_teacher", "trained (EMA) model"),
+        *((f"knn_student_{name}", f"student {name} (EMA)") for name in result.get("student_backbones", ())),
+    ]
+    rows = [(name, label) for name, label in rows if name in result]
+    if rows:
+        keys = [k for k in result[rows[0][0]] if k.startswith("top1")]
         lines.append(f"{'k-NN top-1 (%)':24}" + "".join(f"{k:>10}" for k in keys))
-        for name, label in (
-            ("knn_raw_pixels", "raw pixels"),
-            ("knn_random_init", "random-init model"),
-            ("knn_distillation_teacher", "distillation teacher"),
-            ("knn_teacher", "trained (EMA) model"),
-        ):
-            if name in result:
-                lines.append(f"{label:24}" + "".join(f"{result[name][k]:10.1f}" for k in keys))
+        lines += [f"{label:24}" + "".join(f"{result[name][k]:10.1f}" for k in keys) for name, label in rows]
     return "\n".join(lines)

@@ -140,17 +140,23 @@ def _crops_first(x_bck: Array, b: int) -> Array:
     return x_bck.reshape(b, -1, x_bck.shape[-1]).swapaxes(0, 1)
 
 
-def teacher_targets(teacher: SSLModel, batch: dict, temp: Array, centers: dict, lc: LossConfig):
-    """Centred teacher probabilities: DINO [2, B, K] for the global crops, iBOT [M, K] for the
-    masked patches; the centres after the softmax-centering update; and the teacher's patch
-    features [2B, P, D] (the Gram targets when `gram.ema_teacher`)."""
+def teacher_logits(teacher: SSLModel, batch: dict) -> tuple[Array, Array, Array]:
+    """The teacher's head logits: DINO [2B, K] of the global crops' CLS tokens (sample-major),
+    iBOT [M, K] of the patches at the mask positions; and its patch features [2B, P, D]."""
     g = batch["global_crops"]
-    b = g.shape[0]
-    out = teacher.backbone.forward_features(g.reshape(b * 2, *g.shape[2:]))
+    out = teacher.backbone.forward_features(g.reshape(g.shape[0] * 2, *g.shape[2:]))
     cls_logits = teacher.dino_head(out["x_norm_clstoken"]).astype(jnp.float32)
     all_patches = out["x_norm_patchtokens"]
     patches = all_patches.reshape(-1, all_patches.shape[-1])[batch["mask_indices"]]
     patch_logits = teacher.ibot_head(patches).astype(jnp.float32)
+    return cls_logits, patch_logits, jax.lax.stop_gradient(all_patches)
+
+
+def center_targets(logits: tuple[Array, Array], batch: dict, temp: Array, centers: dict, lc: LossConfig):
+    """Centred teacher probabilities of the `teacher_logits`: DINO [2, B, K] and iBOT [M, K]
+    (zero rows where the mask index list is padding); and the centres after the softmax-centering
+    update (unchanged with Sinkhorn-Knopp)."""
+    cls_logits, patch_logits = logits
     valid = (batch["mask_weights"] > 0).astype(jnp.float32)
     if lc.centering == "sinkhorn_knopp":
         dino_t = sinkhorn_knopp(cls_logits, temp)
@@ -163,8 +169,8 @@ def teacher_targets(teacher: SSLModel, batch: dict, temp: Array, centers: dict, 
             "dino": update_center(centers["dino"], cls_logits, lc.center_momentum),
             "ibot": update_center(centers["ibot"], patch_logits, lc.center_momentum, weights=valid),
         }
-    targets = jax.lax.stop_gradient((_crops_first(dino_t, b), ibot_t))
-    return targets, new_centers, jax.lax.stop_gradient(all_patches)
+    b = batch["global_crops"].shape[0]
+    return jax.lax.stop_gradient((_crops_first(dino_t, b), ibot_t)), new_centers
 
 
 def gram_targets(gram_teacher: nnx.Module, batch: dict, grid: tuple[int, int], gc: GramConfig) -> Array:
@@ -330,44 +336,18 @@ def all_finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(
-    student_def: nnx.GraphDef,
-    teacher_def: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    lc: LossConfig,
-    gram_def: nnx.GraphDef | None = None,
-    distill_def: nnx.GraphDef | None = None,
-):
-    """The pure step. `state` = {student, teacher, opt_state, centers, step, nan_streak,
-    nan_worst_streak, nan_total, key} and, with a separate Gram teacher, `gram_teacher` (the
-    parameters of the backbone `gram_def`, never updated here); in distillation `distill_teacher`
-    (the parameters of the frozen `distill_def`, never updated) gives the targets and `teacher` is
-    the student's EMA. `sched` = this step's schedule values (lr, wd, momentum, teacher_temp,
-    last_layer_lr, backbone_lr_scale, dino_local_weight, gram_weight) as scalars, so changing
-    them never recompiles."""
+# The part of the state that is one student's: what a multi-distillation run keeps per student.
+STUDENT_KEYS = ("student", "teacher", "opt_state", "centers", "nan_streak", "nan_worst_streak", "nan_total")
+
+
+def make_student_update(student_def: nnx.GraphDef, tx: optax.GradientTransformation, lc: LossConfig):
+    """`update(state, batch, sched, targets, gram_t, centers, key) -> (student_state, metrics)`:
+    one student's loss, gradient, AdamW update and EMA, from the teacher's `targets` (and the
+    centres they updated), under the NaN guard: a non-finite loss or gradient leaves the student's
+    part of the state (STUDENT_KEYS) unchanged and counts the streak."""
     features = lc.distill is not None and lc.distill.objective == "features"
 
-    def train_step(state: dict, batch: dict, sched: dict) -> tuple[dict, dict]:
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
-        temp, centers = sched["teacher_temp"], state["centers"]
-        if lc.distill is None:
-            teacher = nnx.merge(teacher_def, nnx.State(state["teacher"]))
-            targets, centers, teacher_patches = teacher_targets(teacher, batch, temp, centers, lc)
-        else:
-            frozen = nnx.merge(distill_def, nnx.State(state["distill_teacher"]))
-            view = teacher_view(batch, lc.distill.scale)
-            if features:
-                targets = teacher_tokens(frozen, view)
-            else:
-                targets, centers, _ = teacher_targets(frozen, view, temp, centers, lc)
-        gram_t = None
-        if lc.gram is not None and lc.gram.ema_teacher:
-            gram_t = teacher_patches
-        elif lc.gram is not None:
-            g, patch = batch["global_crops"], teacher.backbone.config.patch_size
-            gram_backbone = nnx.merge(gram_def, nnx.State(state["gram_teacher"]))
-            gram_t = gram_targets(gram_backbone, batch, (g.shape[2] // patch, g.shape[3] // patch), lc.gram)
-
+    def update(state: dict, batch: dict, sched: dict, targets, gram_t, centers, key) -> tuple[dict, dict]:
         def loss_fn(params):
             student = nnx.merge(student_def, nnx.State(params))
             if features:
@@ -392,21 +372,108 @@ def make_train_step(
         streak = jnp.where(finite, 0, state["nan_streak"] + 1)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = {
-            **state,  # the Gram teacher (if any) passes through unchanged
             "student": keep(student, state["student"]),
             "teacher": keep(teacher_params, state["teacher"]),
             "opt_state": keep(opt_state, state["opt_state"]),
             "centers": keep(centers, state["centers"]),
-            "step": state["step"] + 1,
             "nan_streak": streak,
             "nan_worst_streak": jnp.maximum(state["nan_worst_streak"], streak),
             "nan_total": state["nan_total"] + (~finite).astype(jnp.int32),
-            "key": state["key"],
         }
         norms = {f"grad_norm_{k}": v for k, v in submodule_norms(grads).items()}  # before clipping
-        # Whether any process was asked to stop (SIGTERM / SIGINT): every process reads the same answer.
-        stop = jnp.any(batch["stop"]) if "stop" in batch else jnp.zeros((), bool)
-        metrics = {"loss": loss, **parts, **norms, "finite": finite, "nan_streak": streak, "stop": stop, **sched}
-        return new_state, metrics
+        return new_state, {"loss": loss, **parts, **norms, "finite": finite, "nan_streak": streak, **sched}
+
+    return update
+
+
+def _step_key(state: dict) -> Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
+
+
+def _stop_asked(batch: dict) -> Array:
+    """Whether any process was asked to stop (SIGTERM / SIGINT): every process reads the same answer."""
+    return jnp.any(batch["stop"]) if "stop" in batch else jnp.zeros((), bool)
+
+
+def make_train_step(
+    student_def: nnx.GraphDef,
+    teacher_def: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lc: LossConfig,
+    gram_def: nnx.GraphDef | None = None,
+    distill_def: nnx.GraphDef | None = None,
+):
+    """The pure step. `state` = {student, teacher, opt_state, centers, step, nan_streak,
+    nan_worst_streak, nan_total, key} and, with a separate Gram teacher, `gram_teacher` (the
+    parameters of the backbone `gram_def`, never updated here); in distillation `distill_teacher`
+    (the parameters of the frozen `distill_def`, never updated) gives the targets and `teacher` is
+    the student's EMA. `sched` = this step's schedule values (lr, wd, momentum, teacher_temp,
+    last_layer_lr, backbone_lr_scale, dino_local_weight, gram_weight) as scalars, so changing
+    them never recompiles."""
+    update = make_student_update(student_def, tx, lc)
+
+    def train_step(state: dict, batch: dict, sched: dict) -> tuple[dict, dict]:
+        temp, centers = sched["teacher_temp"], state["centers"]
+        if lc.distill is None:
+            teacher = nnx.merge(teacher_def, nnx.State(state["teacher"]))
+            cls_logits, patch_logits, teacher_patches = teacher_logits(teacher, batch)
+            targets, centers = center_targets((cls_logits, patch_logits), batch, temp, centers, lc)
+        else:
+            targets, shared = distill_targets(distill_def, state["distill_teacher"], batch, lc.distill)
+            if shared is not None:
+                targets, centers = center_targets(shared, batch, temp, centers, lc)
+        gram_t = None
+        if lc.gram is not None and lc.gram.ema_teacher:
+            gram_t = teacher_patches
+        elif lc.gram is not None:
+            g, patch = batch["global_crops"], teacher.backbone.config.patch_size
+            gram_backbone = nnx.merge(gram_def, nnx.State(state["gram_teacher"]))
+            gram_t = gram_targets(gram_backbone, batch, (g.shape[2] // patch, g.shape[3] // patch), lc.gram)
+
+        student_state, metrics = update(state, batch, sched, targets, gram_t, centers, _step_key(state))
+        # The Gram and distillation teachers (if any) pass through unchanged.
+        new_state = {**state, **student_state, "step": state["step"] + 1}
+        return new_state, {**metrics, "stop": _stop_asked(batch)}
+
+    return train_step
+
+
+def distill_targets(distill_def: nnx.GraphDef, params: dict, batch: dict, dc: DistillConfig):
+    """What the frozen teacher gives every student: `(tokens, None)` for feature distillation,
+    `(None, (DINO logits, iBOT logits))` for the heads objective (each student centres them with
+    its own temperature)."""
+    frozen = nnx.merge(distill_def, nnx.State(params))
+    view = teacher_view(batch, dc.scale)
+    if dc.objective == "features":
+        return teacher_tokens(frozen, view), None
+    cls_logits, patch_logits, _ = teacher_logits(frozen, view)
+    return None, (cls_logits, patch_logits)
+
+
+def make_multi_student_step(students: dict[str, tuple], distill_def: nnx.GraphDef, dc: DistillConfig):
+    """The step of a multi-distillation run (paper §5.2): the frozen teacher runs once on the batch
+    and every student, `students[name] = (student_def, tx, lc)`, takes its update from it, as its
+    single-student run would (the same batch, masks and random key; its own temperature,
+    optimizer, schedules, EMA and NaN guard). `state` = {students: {name: STUDENT_KEYS},
+    distill_teacher, step, key}; `sched` = {name: that student's schedule values}. Metrics are
+    `name/metric`, plus the longest NaN streak and the stop flag."""
+    updates = {name: make_student_update(sdef, tx, lc) for name, (sdef, tx, lc) in students.items()}
+
+    def train_step(state: dict, batch: dict, sched: dict) -> tuple[dict, dict]:
+        tokens, logits = distill_targets(distill_def, state["distill_teacher"], batch, dc)
+        key = _step_key(state)
+        new_students, metrics = {}, {}
+        for name, update in updates.items():
+            sub = state["students"][name]
+            targets, centers = tokens, sub["centers"]
+            if logits is not None:
+                targets, centers = center_targets(
+                    logits, batch, sched[name]["teacher_temp"], centers, students[name][2]
+                )
+            new_students[name], m = update(sub, batch, sched[name], targets, None, centers, key)
+            metrics |= {f"{name}/{k}": v for k, v in m.items()}
+        streak = jnp.max(jnp.stack([s["nan_streak"] for s in new_students.values()]))
+        new_state = {**state, "students": new_students, "step": state["step"] + 1}
+        return new_state, {**metrics, "nan_streak": streak, "stop": _stop_asked(batch)}
 
     return train_step
