@@ -522,3 +522,29 @@ def test_resume_differences_skip_harmless_and_allowed_keys():
     changed = resume_differences(before, after)
     assert [line.split(":")[0] for line in changed] == ["optim.lr", "run.global_batch", "train.seed"]
     assert resume_differences(before, after, ("optim", "run", "train.seed")) == []
+
+
+def test_shipped_multi_distillation_recipes_resolve_every_student():
+    """The official multi-distillation configs as shipped: every student's file merges under the
+    run's keys (the run's crops and heads, the student's own arch and, for the ConvNeXts, their own
+    schedules)."""
+    from dinov3_jax.configs import student_configs
+
+    vits = student_configs(load_config("vit7b16_distill_multi"))
+    assert {n: (c.student.arch, c.student.ffn_layer) for n, c in vits.items()} == {
+        "vits16": ("vit_small", "mlp"),
+        "vits16plus": ("vit_small", "swiglu"),
+        "vitb16": ("vit_base", "mlp"),
+        "vitl16": ("vit_large", "mlp"),
+    }
+    assert {
+        (c.crops.global_crops_size, c.dino.head_n_prototypes, c.student.n_storage_tokens) for c in vits.values()
+    } == {(256, 262144, 4)}
+    convnexts = student_configs(load_config("convnext_distill_multi_test"))
+    assert {n: c.schedules.lr.peak for n, c in convnexts.items()} == {
+        "convnext_tiny": 2e-4,
+        "convnext_small": 2e-4,
+        "convnext_base": 1e-4,
+        "convnext_large": 1e-4,
+    }
+    assert all(c.student.arch == n and c.crops.teacher_to_student_resolution_scale == 2 for n, c in convnexts.items())
