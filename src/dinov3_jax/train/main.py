@@ -155,7 +155,7 @@ class StudentRun:
 @dataclasses.dataclass
 class TrainingSetup:
     """Everything the loop needs, built from the config for one mesh. A single-student run's
-    state holds its student's part (STUDENT_KEYS) at the top; a multi-distillation run's holds
+    state holds its student's part (student, teacher, opt_state, centers, NaN counters) at the top; a multi-distillation run's holds
     one per student under `students`."""
 
     mesh: Any
@@ -178,13 +178,11 @@ class TrainingSetup:
         return self.students[""]
 
     schedules = property(lambda self: self._single().schedules)
-    student_def = property(lambda self: self._single().student_def)
     teacher_def = property(lambda self: self._single().teacher_def)
     init_params = property(lambda self: self._single().init_params)
-    loss_config = property(lambda self: self._single().loss_config)
 
     def student_states(self, state: dict) -> dict[str, dict]:
-        """Each student's part of `state` (STUDENT_KEYS), by name."""
+        """Each student's part of `state`, by name."""
         return state["students"] if self.multi else {"": state}
 
     def schedule_values(self, step: int) -> dict:
@@ -211,7 +209,7 @@ def start_weights(cfg: Config, vit, abstract_params: dict) -> tuple[dict | None,
 
 
 def build_student(cfg: Config, mesh, teacher: Teacher | None, *, global_batch: int, steps: int):
-    """One student: (StudentRun, its part of the state: STUDENT_KEYS and, with a separate Gram
+    """One student: (StudentRun, its part of the state: student, teacher, opt_state, centers, NaN counters and, with a separate Gram
     teacher, `gram_teacher`, the Gram teacher's graph or None). Its models are initialised directly
     into their shardings, or from the configured start weights."""
     student_vit = student_backbone_config(cfg)

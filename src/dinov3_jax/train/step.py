@@ -10,6 +10,9 @@
 4. AdamW with parameter groups, then the EMA `teacher ← m·teacher + (1−m)·student`;
 5. a NaN guard: a non-finite loss or gradient leaves the state unchanged and counts the streak.
 
+In distillation a frozen teacher gives the targets of step 1; with several students
+(`make_multi_student_step`) it runs once and steps 2–5 run per student (paper §5.2).
+
 State and batch are plain pytrees; the NNX graph definitions are static closures, so the step is
 jitted once per batch shape (one crop-size pair) with explicit shardings and a donated state. The
 Gram branch is there or not by the static `LossConfig.gram`, never by a traced value; the Gram
@@ -336,15 +339,11 @@ def all_finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-# The part of the state that is one student's: what a multi-distillation run keeps per student.
-STUDENT_KEYS = ("student", "teacher", "opt_state", "centers", "nan_streak", "nan_worst_streak", "nan_total")
-
-
 def make_student_update(student_def: nnx.GraphDef, tx: optax.GradientTransformation, lc: LossConfig):
     """`update(state, batch, sched, targets, gram_t, centers, key) -> (student_state, metrics)`:
     one student's loss, gradient, AdamW update and EMA, from the teacher's `targets` (and the
     centres they updated), under the NaN guard: a non-finite loss or gradient leaves the student's
-    part of the state (STUDENT_KEYS) unchanged and counts the streak."""
+    part of the state (student, teacher, opt_state, centers and the NaN counters) unchanged and counts the streak."""
     features = lc.distill is not None and lc.distill.objective == "features"
 
     def update(state: dict, batch: dict, sched: dict, targets, gram_t, centers, key) -> tuple[dict, dict]:
@@ -454,7 +453,7 @@ def make_multi_student_step(students: dict[str, tuple], distill_def: nnx.GraphDe
     """The step of a multi-distillation run (paper §5.2): the frozen teacher runs once on the batch
     and every student, `students[name] = (student_def, tx, lc)`, takes its update from it, as its
     single-student run would (the same batch, masks and random key; its own temperature,
-    optimizer, schedules, EMA and NaN guard). `state` = {students: {name: STUDENT_KEYS},
+    optimizer, schedules, EMA and NaN guard). `state` = {students: {name: that student's part},
     distill_teacher, step, key}; `sched` = {name: that student's schedule values}. Metrics are
     `name/metric`, plus the longest NaN streak and the stop flag."""
     updates = {name: make_student_update(sdef, tx, lc) for name, (sdef, tx, lc) in students.items()}
