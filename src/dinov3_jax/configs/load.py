@@ -306,16 +306,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path_or_name: str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults ← YAML (a file path, or a built-in recipe name; None = `tiny_cpu`) ← overrides."""
-    text, label = _read_source(DEFAULT_RECIPE if path_or_name is None else str(path_or_name))
+def _read_mapping(path_or_name: str) -> tuple[dict, str]:
+    """(the mapping of config sections, label) of a YAML file or built-in recipe."""
+    text, label = _read_source(path_or_name)
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse {label}: {e}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{label} holds a YAML {type(raw).__name__}, not a mapping of config sections")
-    return config_from_dict(raw or {}, overrides, source=label)
+    return raw or {}, label
+
+
+def load_config(path_or_name: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults ← YAML (a file path, or a built-in recipe name; None = `tiny_cpu`) ← overrides."""
+    raw, label = _read_mapping(DEFAULT_RECIPE if path_or_name is None else str(path_or_name))
+    return config_from_dict(raw, overrides, source=label)
 
 
 def config_from_dict(data: dict, overrides: Sequence[str] = (), *, source: str = "dict") -> Config:
@@ -434,13 +440,10 @@ def student_configs(cfg: Config) -> dict[str, Config]:
     }
     configs: dict[str, Config] = {}
     for student in base.students:
-        text, label = _read_source(student.config_path)
         try:
-            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"multidistillation.students[{student.name}]: cannot parse {label}: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"multidistillation.students[{student.name}]: {label} is not a mapping of sections")
+            raw, label = _read_mapping(student.config_path)
+        except ConfigError as e:
+            raise ConfigError(f"multidistillation.students[{student.name}]: {e}") from None
         raw.pop("multidistillation", None)
         ctx = _Context(f"student {student.name} ({label})")
         merged = _merge(Config(), raw, "", ctx)

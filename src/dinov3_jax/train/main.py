@@ -44,11 +44,12 @@ from dinov3_jax.eval.knn import KnnEvaluator, knn_split_problem
 from dinov3_jax.models.heads import FeatureStudent, SSLModel, head_configs
 from dinov3_jax.models.registry import stride_of
 from dinov3_jax.models.vit import DinoVisionTransformer
-from dinov3_jax.train.distill import Teacher, distill_config, frozen_backbone, read_teacher
+from dinov3_jax.train.distill import distill_config, frozen_backbone, read_teacher
 from dinov3_jax.train.optim import optimizer_from_config
 from dinov3_jax.train.schedules import build_schedules, gram_teacher_copies
 from dinov3_jax.train.start import NO_PATH, place_like, read_start_weights, restore_run_state
 from dinov3_jax.train.step import (
+    DistillConfig,
     GramConfig,
     LossConfig,
     make_multi_student_step,
@@ -208,17 +209,16 @@ def start_weights(cfg: Config, vit, abstract_params: dict) -> tuple[dict | None,
     return None, vit
 
 
-def build_student(cfg: Config, mesh, teacher: Teacher | None, *, global_batch: int, steps: int):
-    """One student: (StudentRun, its part of the state: student, teacher, opt_state, centers, NaN counters and, with a separate Gram
+def build_student(cfg: Config, mesh, distill: DistillConfig | None, teacher_dim: int, *, global_batch: int, steps: int):
+    """One student (`distill`: its checked distillation settings, `teacher_dim`: the teacher's width): (StudentRun, its part of the state: student, teacher, opt_state, centers, NaN counters and, with a separate Gram
     teacher, `gram_teacher`, the Gram teacher's graph or None). Its models are initialised directly
     into their shardings, or from the configured start weights."""
     student_vit = student_backbone_config(cfg)
     dino_head, ibot_head = head_configs(cfg)
-    distill = distill_config(teacher, cfg, student_vit) if teacher is not None else None
 
     def build(vit, seed):
         if distill is not None and distill.objective == "features":  # head-free: projectors onto the teacher's width
-            return FeatureStudent(vit, teacher.backbone.embed_dim, rngs=nnx.Rngs(seed))
+            return FeatureStudent(vit, teacher_dim, rngs=nnx.Rngs(seed))
         return SSLModel(vit, dino_head, ibot_head, rngs=nnx.Rngs(seed))
 
     abstract_params = nnx.state(nnx.eval_shape(lambda: build(student_vit, 0)), nnx.Param).to_pure_dict()
@@ -298,12 +298,15 @@ def setup(cfg: Config, mesh, *, global_batch: int, steps: int, loss_groups: int 
             "on the whole global batch, from one teacher pass (README, Distillation)"
         )
     distill_teacher = read_teacher(cfg) if cfg.distillation.enabled else None
-    for student_cfg in configs.values() if distill_teacher is not None else ():
-        distill_config(distill_teacher, student_cfg, student_backbone_config(student_cfg))
+    distills = {  # every student checked against the teacher before any is built
+        name: distill_teacher and distill_config(distill_teacher, c, student_backbone_config(c))
+        for name, c in configs.items()
+    }
+    teacher_dim = distill_teacher.backbone.embed_dim if distill_teacher else 0
     students, parts, gram_def = {}, {}, None
     for name, student_cfg in configs.items():
         students[name], parts[name], gram_def = build_student(
-            student_cfg, mesh, distill_teacher, global_batch=global_batch, steps=steps
+            student_cfg, mesh, distills[name], teacher_dim, global_batch=global_batch, steps=steps
         )
         if loss_groups:
             lc = students[name].loss_config
