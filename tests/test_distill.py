@@ -8,6 +8,7 @@ compiles."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import jax
@@ -223,7 +224,8 @@ def test_multi_student_distillation_updates_each_student_as_its_own_run_and_resu
 def test_vit_and_convnext_students_of_one_grid_build_into_one_run(official_teacher, tmp_path):
     """A ViT/32 next to a stride-32 ConvNeXt (32 px crops; the patch-8 teacher of a released
     backbone file sees 8 px, scale 4: 1x1 grids) make one feature-distillation run: each student
-    gets its own model, projectors onto the teacher's width and optimizer. (The ConvNeXt step is
+    gets its own model, projectors onto the teacher's width and optimizer, and the masks are drawn
+    on their grid. (The ConvNeXt step is
     the single-student test's; the multi-student step is the test's above.)"""
     folder, _ = official_teacher
     students = {"vit": ["student.arch=vit_nano", "student.patch_size=32"], "convnext": ["student.arch=convnext_test"]}
@@ -238,6 +240,7 @@ def test_vit_and_convnext_students_of_one_grid_build_into_one_run(official_teach
     )
     run = setup(cfg, parallel.make_mesh(-1, 1), global_batch=BATCH, steps=6)
     assert run.multi and {s.loss_config.distill.objective for s in run.students.values()} == {"features"}
+    assert run.mask_stride == 32  # the students' grid, not the base config's (default ViT/16)
     kinds = {
         name: type(nnx.merge(s.student_def, nnx.State(run.state["students"][name]["student"])).backbone).__name__
         for name, s in run.students.items()
@@ -257,6 +260,16 @@ def test_multi_student_configs_that_cannot_share_a_batch_are_errors(official_tea
     mixed = {"nano": TWO_VITS["nano"], "convnext": ["student.arch=convnext_test"]}
     with pytest.raises(ConfigError, match=r"differs from the student's \(32 px at stride 32: 1\)"):
         setup(multi_config(folder, tmp_path, mixed), parallel.make_mesh(-1, 1), global_batch=BATCH, steps=6)
+
+
+def test_a_run_key_that_overrides_a_student_file_is_warned(official_teacher, tmp_path, caplog):
+    """The run's keys win over the students' files (as upstream), never silently."""
+    students = {"nano": [*TWO_VITS["nano"], "optim.lr=0.5"], "tiny": TWO_VITS["tiny"]}
+    with caplog.at_level(logging.WARNING):
+        configs = student_configs(multi_config(official_teacher[0], tmp_path, students))
+    assert configs["nano"].optim.lr == 0.002
+    assert "students[nano]: the run's optim.lr=0.002 overrides the student file's 0.5" in caplog.text
+    assert "students[tiny]" not in caplog.text
 
 
 @pytest.mark.parametrize(

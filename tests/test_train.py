@@ -91,16 +91,17 @@ def one_device_mesh():
     return parallel.make_mesh(1, 1, devices=jax.devices()[:1])
 
 
-@functools.cache
-def single_device_run(*extra: str):
-    return run_steps(one_device_mesh(), n_steps=3, extra=extra)
-
-
 # KoLeo's gradient at initialisation is ill-conditioned: the CLS features of a fresh model are
 # nearly identical, so x_i − x_nn cancels catastrophically and 1/d amplifies any rounding (0.7%
 # gradient differences between meshes with it, 1.2e-6 without). Parameters are compared without it;
-# its loss value is compared all the same.
+# its loss value is compared all the same. The one-device tests share this config (one program to
+# compile); the trainer's tests train with KoLeo.
 NO_KOLEO = ("dino.koleo_loss_weight=0",)
+
+
+@functools.cache
+def single_device_run():
+    return run_steps(one_device_mesh(), n_steps=3, extra=NO_KOLEO)
 
 
 def leaves(tree):
@@ -148,7 +149,7 @@ def test_nan_step_is_skipped_and_counted():
         host["global_crops"][0, 0, 0, 0] = np.nan
         return host
 
-    states, metrics = run_steps(one_device_mesh(), n_steps=1, mutate=poison)
+    states, metrics = run_steps(one_device_mesh(), n_steps=1, mutate=poison, extra=NO_KOLEO)
     assert not metrics[0]["finite"]
     before, after = states
     for key in ("student", "teacher", "opt_state"):
@@ -164,7 +165,7 @@ def test_sharded_meshes_match_one_device(data, fsdp):
 
     Tolerances (fp32, different summation order of the sharded reductions): losses rtol 2e-5;
     parameters after two steps within 1e-6 absolute, 0.1% of one Adam step (lr = 1e-3)."""
-    ref_states, ref_metrics = single_device_run(*NO_KOLEO)
+    ref_states, ref_metrics = single_device_run()
     states, metrics = run_steps(parallel.make_mesh(data, fsdp), n_steps=2, extra=NO_KOLEO)
     for m, r in zip(metrics, ref_metrics):
         for k in ("loss", "dino_local", "dino_global", "ibot", "koleo"):

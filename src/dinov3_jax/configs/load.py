@@ -447,6 +447,17 @@ def student_configs(cfg: Config) -> dict[str, Config]:
         raw.pop("multidistillation", None)
         ctx = _Context(f"student {student.name} ({label})")
         merged = _merge(Config(), raw, "", ctx)
+        own = _flatten(config_to_dict(merged))
+        for key in sorted(_flatten(raw).keys() & mine.keys()):
+            if own[key] != mine[key]:  # not silent: the student's file asked for something else
+                log.warning(
+                    "multidistillation.students[%s]: the run's %s=%r overrides the student file's %r "
+                    "(the run's keys win, as upstream)",
+                    student.name,
+                    key,
+                    mine[key],
+                    own[key],
+                )
         ctx.source = "the multi-distillation config"
         merged = _merge(merged, _unflatten(mine), "", ctx)
         try:

@@ -182,6 +182,12 @@ class TrainingSetup:
     teacher_def = property(lambda self: self._single().teacher_def)
     init_params = property(lambda self: self._single().init_params)
 
+    @property
+    def mask_stride(self) -> int:
+        """The stride of the patch grid the masks are drawn on: the student's (a ConvNeXt's is 32).
+        The students of a multi-distillation run share one grid (each matches the teacher's)."""
+        return stride_of(student_backbone_config(next(iter(self.students.values())).cfg))
+
     def student_states(self, state: dict) -> dict[str, dict]:
         """Each student's part of `state`, by name."""
         return state["students"] if self.multi else {"": state}
@@ -221,8 +227,11 @@ def build_student(cfg: Config, mesh, distill: DistillConfig | None, teacher_dim:
             return FeatureStudent(vit, teacher_dim, rngs=nnx.Rngs(seed))
         return SSLModel(vit, dino_head, ibot_head, rngs=nnx.Rngs(seed))
 
-    abstract_params = nnx.state(nnx.eval_shape(lambda: build(student_vit, 0)), nnx.Param).to_pure_dict()
-    start, student_vit = start_weights(cfg, student_vit, abstract_params)
+    abstract = nnx.eval_shape(lambda: build(student_vit, 0))
+    abstract_params = nnx.state(abstract, nnx.Param).to_pure_dict()
+    start, start_vit = start_weights(cfg, student_vit, abstract_params)
+    if start_vit != student_vit:  # the file's RoPE periods
+        student_vit, abstract = start_vit, nnx.eval_shape(lambda: build(start_vit, 0))
     teacher_vit = dataclasses.replace(student_vit, drop_path_rate=0.0)
     gram_weights = None
     if uses_gram_teacher(cfg) and cfg.gram.ckpt not in NO_PATH:
@@ -237,7 +246,7 @@ def build_student(cfg: Config, mesh, distill: DistillConfig | None, teacher_dim:
             )
         gram_vit = teacher_vit  # a copy of the starting teacher until it_load_ema_teacher
 
-    student_def = nnx.graphdef(nnx.eval_shape(lambda: build(student_vit, 0)))
+    student_def = nnx.graphdef(abstract)
     teacher_abstract = nnx.eval_shape(lambda: build(teacher_vit, 0))
     axes = parallel.logical_axes(teacher_abstract)
     param_sh = parallel.param_shardings(axes, abstract_params, mesh)
@@ -254,8 +263,8 @@ def build_student(cfg: Config, mesh, distill: DistillConfig | None, teacher_dim:
     k_dino, k_ibot = cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes
     part = {
         "student": params,
-        # The teacher starts as a copy of the student (RECIPE.md §5.1).
-        "teacher": jax.tree.map(jnp.copy, params),
+        # The teacher starts as a copy of the student (RECIPE.md §5.1), copied by one program.
+        "teacher": jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params),
         # Adam moments are sharded exactly like the parameters they follow (FSDP saves their memory too).
         "opt_state": jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, param_sh, repl))(params),
         "centers": {"dino": jnp.zeros((1, k_dino), jnp.float32), "ibot": jnp.zeros((1, k_ibot), jnp.float32)},
@@ -466,8 +475,7 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
         cfg=cfg,
         crops=crops,
         per_host_batch=host_batch,
-        # The masks are drawn on the student's patch grid (a ConvNeXt student's stride is 32).
-        patch_size=stride_of(student_backbone_config(cfg)),
+        patch_size=run.mask_stride,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         # Batch t depends only on t: the stream of a resumed (or continued) run starts at its step.
