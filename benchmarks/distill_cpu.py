@@ -80,14 +80,12 @@ def multi_config(out: Path, overrides: list[str]) -> Config:
     return dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, arch=Student().arch))
 
 
-def run(name: str, out: Path, overrides: list[str] | Config) -> dict:
-    """The run's result (from its result.json when it is already complete) and its wall time;
-    `overrides` of tiny_cpu, or the whole config."""
+def run(name: str, out: Path, cfg: Config) -> dict:
+    """The run's result (from its result.json when it is already complete) and its wall time."""
     folder = out / name
     done = folder / "result.json"
     if done.is_file() and (folder / "wall.json").is_file():
         return json.loads(done.read_text()) | json.loads((folder / "wall.json").read_text())
-    cfg = overrides if isinstance(overrides, Config) else load_config("tiny_cpu", overrides)
     start = time.perf_counter()
     result = train(apply_overrides(cfg, [f"train.output_dir={folder}"]), progress=False)
     wall = {"wall_seconds": round(time.perf_counter() - start, 1)}
@@ -124,25 +122,25 @@ def main() -> None:
     out = Path(args.out)
     # k-NN only at the end, so that the wall times are those of training.
     common = [*DATA[args.data], "runtime.knn_every_steps=0", *args.overrides]
-    teacher = run("teacher", out, common)
+    tiny_cpu = lambda *keys: load_config("tiny_cpu", [*common, *keys])  # noqa: E731
+    teacher = run("teacher", out, tiny_cpu())
     distill = ["distillation.enabled=true", f"distillation.checkpoint_path={out / 'teacher'}"]
-    distilled = run("nano_distilled", out, [*common, *STUDENT, *distill])
-    ssl = run("nano_ssl", out, [*common, *STUDENT])
+    nano_cfg = tiny_cpu(*STUDENT, *distill)
+    distilled = run("nano_distilled", out, nano_cfg)
+    ssl = run("nano_ssl", out, tiny_cpu(*STUDENT))
     # Half the steps (200 instead of 400, warm-up halved too): the steps here are bound by the CPU
     # data pipeline (multi-crop augmentation), so a smaller student alone cannot make a step cheaper.
-    short = ["optim.epochs=2", "optim.warmup_epochs=1"]
-    distilled_short = run("nano_distilled_half", out, [*common, *STUDENT, *short, *distill])
+    distilled_short = run(
+        "nano_distilled_half", out, tiny_cpu(*STUDENT, "optim.epochs=2", "optim.warmup_epochs=1", *distill)
+    )
 
     # Two students at once, and the second one alone (the first alone is `distilled`).
     nano_mlp2 = [*STUDENT, "student.ffn_ratio=2", *HONOUR_FFN_RATIO]
-    distilled_mlp2 = run("nano_mlp2_distilled", out, [*common, *nano_mlp2, *distill])
+    mlp2_cfg = tiny_cpu(*nano_mlp2, *distill)
+    distilled_mlp2 = run("nano_mlp2_distilled", out, mlp2_cfg)
     multi_cfg = multi_config(out, [*common, *distill, *HONOUR_FFN_RATIO])
     multi = run("two_students", out, multi_cfg)
-    timed = {
-        "two_students": multi_cfg,
-        "nano": load_config("tiny_cpu", [*common, *STUDENT, *distill]),
-        "nano_mlp2": load_config("tiny_cpu", [*common, *nano_mlp2, *distill]),
-    }
+    timed = {"two_students": multi_cfg, "nano": nano_cfg, "nano_mlp2": mlp2_cfg}
     steps = {name: step_seconds(cfg) for name, cfg in timed.items()}
 
     k = next(key for key in teacher["knn_teacher"] if key.startswith("top1"))
@@ -162,10 +160,10 @@ def main() -> None:
         print(f"{label:38} {params:9,} {value:14.1f} {wall:8.0f}")
     print("step seconds (one fixed batch): " + ", ".join(f"{name} {t * 1e3:.1f} ms" for name, t in steps.items()))
     ratios = {
-        "distilled_knn_over_teacher_knn": distilled["knn_teacher"][k] / teacher["knn_teacher"][k],
+        "distilled_knn_over_teacher_knn": knn(distilled) / knn(teacher),
         "distilled_wall_over_teacher_wall": distilled["wall_seconds"] / teacher["wall_seconds"],
-        "distilled_knn_over_ssl_knn": distilled["knn_teacher"][k] / ssl["knn_teacher"][k],
-        "half_steps_distilled_knn_over_teacher_knn": distilled_short["knn_teacher"][k] / teacher["knn_teacher"][k],
+        "distilled_knn_over_ssl_knn": knn(distilled) / knn(ssl),
+        "half_steps_distilled_knn_over_teacher_knn": knn(distilled_short) / knn(teacher),
         "half_steps_distilled_wall_over_teacher_wall": distilled_short["wall_seconds"] / teacher["wall_seconds"],
         "two_students_wall_over_sum_of_single_walls": multi["wall_seconds"]
         / (distilled["wall_seconds"] + distilled_mlp2["wall_seconds"]),

@@ -225,8 +225,8 @@ def test_vit_and_convnext_students_of_one_grid_build_into_one_run(official_teach
     """A ViT/32 next to a stride-32 ConvNeXt (32 px crops; the patch-8 teacher of a released
     backbone file sees 8 px, scale 4: 1x1 grids) make one feature-distillation run: each student
     gets its own model, projectors onto the teacher's width and optimizer, and the masks are drawn
-    on their grid. (The ConvNeXt step is
-    the single-student test's; the multi-student step is the test's above.)"""
+    on their grid. (The ConvNeXt step is the single-student test's; the multi-student step is the
+    test's above.)"""
     folder, _ = official_teacher
     students = {"vit": ["student.arch=vit_nano", "student.patch_size=32"], "convnext": ["student.arch=convnext_test"]}
     cfg = multi_config(
