@@ -548,3 +548,21 @@ def test_shipped_multi_distillation_recipes_resolve_every_student():
         "convnext_large": 1e-4,
     }
     assert all(c.student.arch == n and c.crops.teacher_to_student_resolution_scale == 2 for n, c in convnexts.items())
+
+
+def test_activation_checkpointing_keys_choose_the_student_policy(caplog):
+    """train.checkpointing selects the selective policy, with train.checkpointing_full the full one
+    (RECIPE.md §9.2); the teacher, which is never differentiated, is not checkpointed; the full
+    switch alone has no effect, as upstream, and says so."""
+    from dinov3_jax.configs import student_backbone_config
+
+    def policies(*overrides):
+        cfg = load_config("tiny_cpu", list(overrides))
+        return student_backbone_config(cfg).remat, teacher_vit_config(cfg).remat
+
+    assert policies() == ("off", "off")
+    assert policies("train.checkpointing=true") == ("selective", "off")
+    assert policies("train.checkpointing=true", "train.checkpointing_full=true") == ("full", "off")
+    with caplog.at_level(logging.WARNING, logger="dinov3_jax.configs"):
+        assert policies("train.checkpointing_full=true") == ("off", "off")
+    assert "train.checkpointing_full=true has no effect without train.checkpointing=true" in caplog.text

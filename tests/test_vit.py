@@ -230,3 +230,34 @@ def test_input_errors_name_the_problem():
         ViTConfig(embed_dim=40, num_heads=4)
     with pytest.raises(ValueError, match="dtype 'half' is not one of"):
         create_backbone("dinov3_vit_tiny", dtype="half")
+
+
+def kept_for_backward(model: nnx.Module, images: jax.Array) -> tuple[int, dict]:
+    """Bytes of what `jax.vjp` keeps for the backward pass of a training forward (the residuals,
+    parameters included) and the parameter gradients of a loss on every output token."""
+    graph, params = nnx.split(model)
+
+    def loss(p):
+        out = nnx.merge(graph, p).forward_features(images, training=True, key=jax.random.key(3))
+        return jnp.mean(out["x_norm_patchtokens"] ** 2) + jnp.mean(out["x_norm_clstoken"] ** 2)
+
+    _, backward = jax.vjp(loss, params)
+    return sum(x.nbytes for x in jax.tree.leaves(backward)), backward(jnp.ones(()))[0]
+
+
+@pytest.mark.parametrize("name", ["dinov3_vit_tiny", "dinov3_convnext_tiny"])
+def test_activation_checkpointing_keeps_less_and_changes_no_gradient(name):
+    """train.checkpointing (RECIPE.md §9.2): the selective policy keeps the matmul and attention
+    outputs of each block and recomputes the rest, the full one keeps only each block's input;
+    the gradients are those without checkpointing (drop path and RoPE augmentation on: the same
+    random draws are replayed in the recomputation)."""
+    images = X[:2, :32, :32] if "vit" in name else jnp.tile(X[:2, :32, :32], (1, 2, 2, 1))
+    kept, grads = {}, {}
+    for remat in ("off", "selective", "full"):
+        overrides = {"depths": (1, 1, 2, 1), "dims": (8, 16, 32, 64)} if "convnext" in name else {"depth": 3}
+        model = create_backbone(name, drop_path_rate=0.2, remat=remat, **overrides)
+        kept[remat], grads[remat] = kept_for_backward(model, images)
+    assert kept["off"] > kept["selective"] > kept["full"], kept
+    for remat in ("selective", "full"):
+        for a, b in zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads["off"])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -528,6 +528,8 @@ def _warn_no_effect(cfg: Config, ctx: _Context) -> None:
         log.warning(
             "crops.gram_teacher_crops_size has no effect without gram.use_loss=true (no Gram-teacher crops are made)"
         )
+    if cfg.train.checkpointing_full and not cfg.train.checkpointing:
+        log.warning("train.checkpointing_full=true has no effect without train.checkpointing=true (as upstream)")
     ragged = [size for size in _sizes(cfg.crops.local_crops_size) if size % max(cfg.student.patch_size, 1)]
     if ragged and {"crops.local_crops_size", "student.patch_size"} & seen:
         log.warning(

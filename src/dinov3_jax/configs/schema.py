@@ -224,9 +224,10 @@ class Train:
     learn_from_teacher_tokens: bool = False
     # Teacher centering; DINOv3 supports only Sinkhorn-Knopp.
     centering: Literal["sinkhorn_knopp"] = "sinkhorn_knopp"
-    # Activation checkpointing of the student blocks (not implemented yet: no effect).
+    # Activation checkpointing of the student's blocks (RECIPE.md §9.2): their activations are
+    # recomputed in the backward pass, but for the matmul and attention outputs (selective).
     checkpointing: bool = False
-    # Full instead of selective activation checkpointing (not implemented yet: no effect).
+    # With checkpointing: recompute everything in each block (full) instead of the selective policy.
     checkpointing_full: bool = False
     # Project addition: a run folder of ours whose newest checkpoint (student, teacher, optimizer,
     # step) this new run continues with its own config, e.g. the Gram stage after pretraining
@@ -712,8 +713,6 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "train.chunk_schedule": "",
     "train.use_teacher_head": "",
     "train.learn_from_teacher_tokens": "",
-    "train.checkpointing": "activation checkpointing is not implemented yet",
-    "train.checkpointing_full": "activation checkpointing is not implemented yet",
     "train.compile": "every step is jitted",
     "train.cudagraphs": "",
     "train.fsdp_reshard_after_forward": "set the mesh section",
@@ -874,6 +873,7 @@ def student_vit_config(cfg: Config) -> ViTConfig:
             pos_embed_rope_dtype="bf16" if compat.training_rope_dtype_bf16 else s.pos_embed_rope_dtype,
             drop_path_rate=s.drop_path_rate,
             attention_impl=cfg.runtime.attention_impl,
+            remat=remat_policy(cfg),
             dtype=cfg.compute_precision.param_dtype,
             param_dtype="float32",
         )
@@ -894,13 +894,24 @@ def student_backbone_config(cfg: Config) -> ViTConfig | ConvNeXtConfig:
         sizes = sorted(n.removeprefix("dinov3_") for n, m in MODELS.items() if isinstance(m.config, ConvNeXtConfig))
         raise ConfigError(f"student.arch: unknown ConvNeXt {arch!r}; known: {', '.join(sizes)}")
     return dataclasses.replace(
-        spec.config, drop_path_rate=cfg.student.drop_path_rate, dtype=cfg.compute_precision.param_dtype
+        spec.config,
+        drop_path_rate=cfg.student.drop_path_rate,
+        dtype=cfg.compute_precision.param_dtype,
+        remat=remat_policy(cfg),
     )
+
+
+def remat_policy(cfg: Config) -> str:
+    """The student's activation checkpointing (a models.config.REMAT_POLICIES name) from
+    `train.checkpointing` and `train.checkpointing_full`."""
+    if not cfg.train.checkpointing:
+        return "off"
+    return "full" if cfg.train.checkpointing_full else "selective"
 
 
 def teacher_vit_config(cfg: Config) -> ViTConfig:
     """The (EMA) teacher backbone: the student's architecture without drop path."""
-    return student_vit_config(cfg).replace(drop_path_rate=0.0)
+    return student_vit_config(cfg).replace(drop_path_rate=0.0, remat="off")
 
 
 def total_steps(cfg: Config) -> int:

@@ -21,6 +21,9 @@ SWIGLU_ALIGN = {"swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
 FFN_LAYERS = ("mlp", *SWIGLU_ALIGN)
 NORMALIZE_COORDS = ("separate", "min", "max")
 ATTENTION_IMPLS = ("xla", "cudnn")
+# Activation checkpointing of each block in training (`train.checkpointing[_full]`, RECIPE.md §9.2):
+# "off", "selective" (keep the matmul and attention outputs, recompute the rest) or "full".
+REMAT_POLICIES = ("off", "selective", "full")
 DTYPES = {
     "float32": jnp.float32,
     "fp32": jnp.float32,
@@ -101,9 +104,13 @@ class ViTConfig:
     dtype: str = "float32"
     # Storage dtype of the parameters.
     param_dtype: str = "float32"
+    # Activation checkpointing of each block under differentiation (one of REMAT_POLICIES).
+    remat: str = "off"
 
     def __post_init__(self):
         problems = []
+        if self.remat not in REMAT_POLICIES:
+            problems.append(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         elif (self.embed_dim // self.num_heads) % 4:
@@ -198,6 +205,8 @@ class ConvNeXtConfig:
     # Compute and storage dtypes.
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # Activation checkpointing of each block under differentiation (one of REMAT_POLICIES).
+    remat: str = "off"
 
     # Every norm (stem, downsampling, blocks, final) uses eps 1e-6 (RECIPE.md §10 item 6).
     norm_eps = 1e-6
@@ -214,6 +223,8 @@ class ConvNeXtConfig:
             problems.append("depths and dims must be positive")
         if not 0.0 <= self.drop_path_rate < 1.0:
             problems.append(f"drop_path_rate {self.drop_path_rate} is not in [0, 1)")
+        if self.remat not in REMAT_POLICIES:
+            problems.append(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 problems.append(f"{name} {getattr(self, name)!r} is not one of {sorted(DTYPES)}")

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dinov3_jax.models.config import ConvNeXtConfig, resolve_dtype
-from dinov3_jax.models.layers import exact_gelu, linear_init, logical
+from dinov3_jax.models.layers import checkpointed, exact_gelu, linear_init, logical
 from dinov3_jax.models.resize import resize_patch_features
 
 Array = jax.Array
@@ -205,11 +205,13 @@ class ConvNeXt(nnx.Module):
         keys = iter(jax.random.split(key, sum(self.config.depths))) if drop else None
         x = x_bhwc.astype(resolve_dtype(self.config.dtype))
         collected = []
+        # Per block and per downsampling layer, as the official checkpointing wraps them (RECIPE.md §9.2).
+        call = checkpointed(lambda module, *args: module(*args), self.config.remat)
         for i, (down, stage) in enumerate(zip(self.downsample_layers, self.stages)):
             for layer in down:
-                x = layer(x)
+                x = call(layer, x)
             for block in stage:
-                x = block(x, next(keys) if drop else None)
+                x = call(block, x, next(keys) if drop else None)
             if i in collect:
                 collected.append(x)
         return x, collected

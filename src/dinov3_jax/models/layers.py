@@ -16,12 +16,33 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dinov3_jax.models.config import ViTConfig, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 Array = jax.Array
+
+# The name under which the attention output is kept by the selective checkpointing policy.
+ATTENTION_OUT = "attention_out"
+# jax.checkpoint policy of each REMAT_POLICIES name (RECIPE.md §9.2). Selective mirrors the
+# official mode, which keeps the outputs of the matmuls and of the attention kernel: here the
+# non-batched dots (the linears, not the B·H·N² attention scores) and the named attention output.
+REMAT_POLICY = {
+    "selective": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
+    ),
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def checkpointed(call: Callable, remat: str) -> Callable:
+    """`call(module, *args)` under activation checkpointing `remat` (a REMAT_POLICIES name): its
+    activations are recomputed in the backward pass but for what the policy keeps."""
+    return call if remat == "off" else nnx.remat(call, policy=REMAT_POLICY[remat])
+
 
 # Official init (RECIPE.md §1.10): trunc_normal(std=0.02) with *absolute* bounds ±2, i.e. ±100σ:
 # in effect a plain normal.
@@ -292,7 +313,7 @@ class SelfAttention(nnx.Module):
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = ATTENTION[self.attention_impl](q, k, v)
+        out = checkpoint_name(ATTENTION[self.attention_impl](q, k, v), ATTENTION_OUT)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
     def attention_weights(self, x_bnd: Array, rope: tuple[Array, Array] | None, n_queries: int | None = None) -> Array:

@@ -20,6 +20,7 @@ from dinov3_jax.models.config import ViTConfig, resolve_dtype
 from dinov3_jax.models.layers import (
     Block,
     PatchEmbed,
+    checkpointed,
     has_rope_augmentation,
     logical,
     make_norm,
@@ -108,9 +109,10 @@ class DinoVisionTransformer(nnx.Module):
         keys = jax.random.split(key, (cfg.depth, 3)) if (augment_rope or drop) else None
         shared_rope = None if augment_rope else rope_sin_cos(cfg, h, w)
         collected = []
+        call = checkpointed(lambda block, *args: block(*args), cfg.remat)
         for i, block in enumerate(self.blocks):
             rope = rope_sin_cos(cfg, h, w, keys[i, 0]) if augment_rope else shared_rope
-            x = block(x, rope, (keys[i, 1], keys[i, 2]) if drop else None)
+            x = call(block, x, rope, (keys[i, 1], keys[i, 2]) if drop else None)
             if i in collect:
                 collected.append(x)
         return x, collected

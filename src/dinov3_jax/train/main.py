@@ -85,6 +85,15 @@ SCHEDULE_KEYS = (
 )
 
 
+def device_batch(host: dict[str, np.ndarray], mesh, *, stop: bool = False) -> dict:
+    """This process's crop-major host batch (the pipeline's) → the step's global batch on `mesh`:
+    sample-major, each process's rows at its place in the global batch (its first image is
+    process_index × its batch size), with the stop flag `stop` on every row."""
+    n = len(host["labels"])
+    sample_major = to_sample_major(host, jax.local_device_count(), jax.process_index() * n)
+    return parallel.host_to_global(sample_major | {"stop": np.full(n, stop)}, mesh, PER_SAMPLE_KEYS)
+
+
 class TrainingDiverged(RuntimeError):
     """Raised after too many consecutive non-finite steps."""
 
@@ -232,7 +241,8 @@ def build_student(cfg: Config, mesh, distill: DistillConfig | None, teacher_dim:
     start, start_vit = start_weights(cfg, student_vit, abstract_params)
     if start_vit != student_vit:  # the file's RoPE periods
         student_vit, abstract = start_vit, nnx.eval_shape(lambda: build(start_vit, 0))
-    teacher_vit = dataclasses.replace(student_vit, drop_path_rate=0.0)
+    # No gradients flow through the teacher: no drop path, nothing to checkpoint.
+    teacher_vit = dataclasses.replace(student_vit, drop_path_rate=0.0, remat="off")
     gram_weights = None
     if uses_gram_teacher(cfg) and cfg.gram.ckpt not in NO_PATH:
         gram_weights, gram_vit = read_start_weights(
@@ -520,8 +530,6 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
         return result
 
     # ------------------------------------------------------------------ Loop
-    host_offset = jax.process_index() * host_batch
-    local_devices = jax.local_device_count()
     bar = tqdm(total=steps, initial=start, disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
     metrics: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -546,13 +554,9 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
             state = run.copy_teacher_to_gram(state)
         host = next(iterator)
         unreadable.add(host.pop("skipped_from"), host.pop("n_skipped"))
-        device_batch = parallel.host_to_global(
-            # A signal on any process reaches every process through the step: all stop at one step.
-            to_sample_major(host, local_devices, host_offset) | {"stop": np.full(host_batch, stop.signum is not None)},
-            mesh,
-            PER_SAMPLE_KEYS,
-        )
-        state, metrics = step_fn(state, device_batch, run.schedule_values(step))
+        # A signal on any process reaches every process through the step: all stop at one step.
+        batch_now = device_batch(host, mesh, stop=stop.signum is not None)
+        state, metrics = step_fn(state, batch_now, run.schedule_values(step))
         done = step + 1
         # The previous step's NaN streak and stop flag, read once this step is queued (no stall of
         # the device): a diverging or interrupted run stops at most one step late.
