@@ -35,8 +35,7 @@ from dinov3_jax.configs import Config, apply_overrides, load_config
 from dinov3_jax.configs.schema import Student, global_batch_size, schedule_steps, source_kwargs
 from dinov3_jax.data.pipeline import build_train_pipeline
 from dinov3_jax.data.sources import make_source
-from dinov3_jax.train.main import PER_SAMPLE_KEYS, setup, train
-from dinov3_jax.train.step import to_sample_major
+from dinov3_jax.train.main import device_batch, setup, train
 
 DATA = {
     "synthetic": [],
@@ -102,11 +101,11 @@ def step_seconds(cfg: Config, repeats: int = 30) -> float:
     source = make_source(cfg.data.source, cfg.data.path, split="train", **source_kwargs(cfg, cfg.data.num_samples))
     host = next(iter(build_train_pipeline(source, cfg=cfg, per_host_batch=batch, patch_size=run.mask_stride)))
     del host["skipped_from"], host["n_skipped"]
-    device_batch = parallel.host_to_global(to_sample_major(host, jax.local_device_count()), mesh, PER_SAMPLE_KEYS)
+    placed = device_batch(host, mesh)
     state, schedules, times = run.state, run.schedule_values(1), []
     for i in range(repeats + 2):
         start = time.perf_counter()
-        state, metrics = run.step_fn(state, device_batch, schedules)
+        state, metrics = run.step_fn(state, placed, schedules)
         jax.block_until_ready((state, metrics))
         if i >= 2:
             times.append(time.perf_counter() - start)

@@ -176,6 +176,11 @@ def test_vitl16_recipe():
     assert batch == 2048
     assert math.isclose(scaled_lr(cfg, batch), 0.001 * 4 * math.sqrt(2), rel_tol=1e-12)
     assert math.isclose(scaled_lr(cfg, batch), 0.0056569, rel_tol=1e-5)
+    # The same global batch on 8 devices in 4 micro-batches: the same lr.
+    accumulated = load_config("vitl16_im1k", ["train.grad_accumulation_steps=4"])
+    assert global_batch_size(accumulated, 8) == 2048 and scaled_lr(accumulated, 2048) == scaled_lr(cfg, batch)
+    with pytest.raises(ConfigError, match="grad_accumulation_steps"):
+        load_config("vitl16_im1k", ["train.grad_accumulation_steps=0"])
     assert total_steps(cfg) == 125_000
     vit = student_vit_config(cfg)
     assert (vit.embed_dim, vit.depth, vit.num_heads, vit.ffn_hidden) == (1024, 24, 16, 4096)

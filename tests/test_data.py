@@ -753,3 +753,18 @@ def test_training_sources_decode_16_bit_images_like_features(tmp_path):
     Image.fromarray(values).save(tmp_path / "c" / "deep.png")  # mode I;16
     img, _ = FolderSource(tmp_path)[0]
     np.testing.assert_array_equal(np.asarray(img)[..., 0], [[0, 40], [128, 255]])
+
+
+def test_a_resumed_stream_on_another_process_count_yields_the_same_samples():
+    """Elastic resume (the data half): the stream of step t is the same global samples, with the
+    same crops, whatever the process count that reads it; each process reads its share."""
+    src = IndexSource(64)
+
+    def by_label(batches):  # labels → the first global crop of each sample (crop-major: rows 0..B-1)
+        return {int(label): b["global_crops"][i] for b in batches for i, label in enumerate(b["labels"])}
+
+    one = by_label([next(iter(_train(src, per_host_batch=8, start_step=3)))])
+    two = by_label([next(iter(_train(src, process_index=p, process_count=2, start_step=3))) for p in range(2)])
+    assert one.keys() == two.keys() and len(one) == 8
+    for label in one:
+        np.testing.assert_array_equal(one[label], two[label])

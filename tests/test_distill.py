@@ -32,8 +32,7 @@ from dinov3_jax.data.pipeline import build_train_pipeline
 from dinov3_jax.data.sources import make_source
 from dinov3_jax.models.heads import DINOHead
 from dinov3_jax.models.vit import DinoVisionTransformer
-from dinov3_jax.train.main import PER_SAMPLE_KEYS, format_result, saved_part, setup, train
-from dinov3_jax.train.step import to_sample_major
+from dinov3_jax.train.main import device_batch, format_result, saved_part, setup, train
 
 from .test_train import BATCH, MICRO, micro_config
 
@@ -145,7 +144,7 @@ def test_a_released_backbone_distils_by_features_into_a_convnext_student(officia
     assert "features objective; teacher 64 wide, 3 blocks" in capsys.readouterr().out
     source = make_source("synthetic", None, num_samples=64, image_size=32)
     host = next(iter(build_train_pipeline(source, cfg=cfg, per_host_batch=BATCH, patch_size=32)))
-    batch = parallel.host_to_global(to_sample_major(host, 8), mesh, PER_SAMPLE_KEYS)
+    batch = device_batch(host, mesh)
     sched = run.schedule_values(2)  # lr > 0
     before = jax.device_get(run.state)
     state, metrics = run.step_fn(run.state, batch, sched)

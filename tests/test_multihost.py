@@ -20,7 +20,7 @@ from dinov3_jax import load_backbone, parallel
 from dinov3_jax.data.pipeline import build_train_pipeline
 from dinov3_jax.data.sources import make_source
 from dinov3_jax.train.main import PER_SAMPLE_KEYS, SCHEDULE_KEYS, setup
-from dinov3_jax.train.step import to_sample_major
+from dinov3_jax.train.step import to_micro_batches
 
 from .conftest import TEST_XLA_FLAGS
 from .test_train import MICRO, micro_config
@@ -49,10 +49,10 @@ def reference_run(data: int, fsdp: int) -> tuple[list[dict], nnx.Module]:
     state, losses = run.state, []
     for step in range(STEPS):
         # Each process lays out its rows with itself as the only local device and its own offset.
-        hosts = [to_sample_major(next(it), 1, host_offset_images=p * PER_HOST) for p, it in enumerate(streams)]
-        batch = {k: np.concatenate([h[k] for h in hosts]) for k in hosts[0]}
+        hosts = [to_micro_batches(next(it), 1, 1, process_index=p) for p, it in enumerate(streams)]
+        batch = {k: np.concatenate([h[k] for h in hosts], axis=1) for k in hosts[0]}
         sched = {k: np.float32(v) for k, v in run.schedules.at(step).items() if k in SCHEDULE_KEYS}
-        state, metrics = run.step_fn(state, parallel.host_to_global(batch, mesh, PER_SAMPLE_KEYS), sched)
+        state, metrics = run.step_fn(state, parallel.host_to_global(batch, mesh, PER_SAMPLE_KEYS, batch_axis=1), sched)
         losses.append(jax.device_get(metrics))
     return losses, nnx.merge(run.teacher_def, nnx.State(parallel.gather_to_host(state["teacher"]))).backbone
 

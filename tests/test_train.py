@@ -16,8 +16,7 @@ from dinov3_jax import parallel
 from dinov3_jax.configs import ConfigError, load_config
 from dinov3_jax.data.pipeline import build_train_pipeline
 from dinov3_jax.data.sources import make_source
-from dinov3_jax.train.main import PER_SAMPLE_KEYS, SCHEDULE_KEYS, TrainingDiverged, saved_part, setup, train
-from dinov3_jax.train.step import to_sample_major
+from dinov3_jax.train.main import SCHEDULE_KEYS, TrainingDiverged, device_batch, saved_part, setup, train
 
 # A very small run: 16 px global crops of 2×2 patches, 8 px local crops, 16 images a step. The
 # values the tests rely on are pinned here, so tuning the tiny_cpu recipe cannot change them.
@@ -62,28 +61,45 @@ def micro_config(*extra: str):
 
 
 @functools.cache
-def host_batches(n: int = 3):
+def host_batches(n: int = 4):
     cfg = micro_config()
     source = make_source("synthetic", None, split="train", num_samples=64, image_size=32, seed=0)
     it = iter(build_train_pipeline(source, cfg=cfg, per_host_batch=BATCH))
     return [next(it) for _ in range(n)]
 
 
-def run_steps(mesh, n_steps: int = 2, *, loss_groups: int = 8, mutate=None, extra: tuple[str, ...] = ()):
-    """n steps on `mesh`; returns (states after each step as host numpy trees, metrics)."""
+def run_steps(
+    mesh,
+    n_steps: int = 2,
+    *,
+    loss_groups: int = 8,
+    mutate=None,
+    extra: tuple[str, ...] = (),
+    first: int = 0,
+    restore=None,
+    save=None,
+):
+    """n steps on `mesh` from step `first` (`restore(like_state)` gives that step's state, `save`
+    takes the last one as it lies on the devices); returns (states after each step as host numpy
+    trees, metrics)."""
     cfg = micro_config(*extra)
     run = setup(cfg, mesh, global_batch=BATCH, steps=6, loss_groups=loss_groups)
-    state = run.state
+    state = run.state if restore is None else restore(run.state)
     states, metrics = [jax.device_get(state)], []
-    for step, host in enumerate(host_batches()[:n_steps]):
+    for step, host in enumerate(host_batches()[first : first + n_steps], start=first):
         host = dict(host) if mutate is None else mutate(dict(host))
         # With the trainer's stop flags (none asked unless `mutate` sets some): the trainer's program.
-        flags = {"stop": host.get("stop", np.zeros(BATCH, bool))}
-        batch = parallel.host_to_global(to_sample_major(host, len(mesh.devices.flat)) | flags, mesh, PER_SAMPLE_KEYS)
+        asked = host.pop("stop", None)
+        batch = device_batch(host, mesh, n_micro=cfg.train.grad_accumulation_steps)
+        if asked is not None:
+            rows = {"stop": asked.reshape(batch["stop"].shape)}
+            batch["stop"] = parallel.host_to_global(rows, mesh, ("stop",), batch_axis=1)["stop"]
         sched = {k: np.float32(v) for k, v in run.schedules.at(step).items() if k in SCHEDULE_KEYS}
         state, m = run.step_fn(state, batch, sched)
         states.append(jax.device_get(state))
         metrics.append(jax.device_get(m) | {"sched": sched})
+    if save is not None:
+        save(state)
     return states, metrics
 
 
@@ -176,6 +192,98 @@ def test_sharded_meshes_match_one_device(data, fsdp):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
+# Accumulated and large-batch steps draw drop path differently (one permutation per micro-batch).
+NO_DROP_PATH = ("student.drop_path_rate=0",)
+
+
+@functools.cache
+def reference_run():
+    """Four steps on one device, without drop path and KoLeo's gradient."""
+    return run_steps(one_device_mesh(), n_steps=4, extra=NO_KOLEO + NO_DROP_PATH)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_large_batch_step():
+    """train.grad_accumulation_steps=2 (two micro-batches of 8) gives the losses and parameters of
+    one step on the batch of 16, on one device and on 8 devices with FSDP: the teacher runs on both
+    micro-batches first and the Sinkhorn-Knopp targets of DINO and iBOT are computed over all 16
+    images (centred per micro-batch they would differ, which naive accumulation does), the
+    gradients of the micro-batches are averaged, then one AdamW and one EMA update. KoLeo's groups
+    are the large batch's (2 consecutive samples: 8 groups, 4 per micro-batch).
+
+    Tolerances (fp32, other summation orders): losses rtol 2e-5 (KoLeo 5e-5: the −log of the
+    distances between the nearly equal features of a fresh model amplifies rounding; measured
+    2.2e-5 with FSDP); parameters after two steps (one with lr > 0) within 1e-6 absolute, 0.1% of
+    one Adam step (lr = 1e-3)."""
+    ref_states, ref_metrics = reference_run()
+    accumulate = (*NO_KOLEO, *NO_DROP_PATH, "train.grad_accumulation_steps=2")
+    for mesh, groups in ((one_device_mesh(), 4), (parallel.make_mesh(2, 4), 4)):
+        states, metrics = run_steps(mesh, n_steps=2, loss_groups=groups, extra=accumulate)
+        for m, r in zip(metrics, ref_metrics):
+            for k in ("loss", "dino_local", "dino_global", "ibot", "koleo"):
+                rtol = 5e-5 if k == "koleo" else 2e-5  # −log of nearly equal features' distances
+                np.testing.assert_allclose(m[k], r[k], rtol=rtol, err_msg=f"{k} on {mesh.shape}")
+        assert metrics[1]["sched"]["lr"] == pytest.approx(1e-3)
+        for key in ("student", "teacher"):
+            for a, b in zip(leaves(states[2][key]), leaves(ref_states[2][key])):
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=f"{key} on {mesh.shape}")
+
+
+@pytest.mark.slow
+def test_elastic_restore_onto_other_meshes(tmp_path):
+    """A checkpoint written on one mesh restores onto another and the run goes on as it would have:
+    2 steps with FSDP over 4 of 8 devices (mesh 2×4), then on 4 devices with FSDP over 2 (2×2) and
+    two micro-batches (the same global batch of 16), then data-parallel on 8 (8×1). The restored
+    state equals the saved one, lies on the new mesh, and every step's losses and parameters are
+    those of the one-device run (the tolerances of the accumulation test, the parameters' growing
+    with the steps taken: measured 1.6e-6 after the second Adam step)."""
+    from dinov3_jax.checkpoint import Checkpointer
+
+    ref_states, ref_metrics = reference_run()
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    legs = [  # (mesh, micro-batches, first step, steps)
+        (parallel.make_mesh(2, 4), 1, 0, 2),
+        (parallel.make_mesh(2, 2, devices=jax.devices()[:4]), 2, 2, 1),
+        (parallel.make_mesh(8, 1), 1, 3, 1),
+    ]
+    saved = None
+    for mesh, n_micro, first, n_steps in legs:
+        restore = None
+        if saved is not None:
+
+            def restore(like, step=first, mesh=mesh):
+                state = ckpt.restore(step, saved_part(like))
+                qkv = lambda s: s["student"]["backbone"]["blocks"][0]["attn"]["qkv"]["kernel"]  # noqa: E731
+                assert qkv(state).sharding.mesh == mesh and qkv(state).sharding == qkv(like).sharding
+                return {**like, **state}
+
+        extra = (*NO_KOLEO, *NO_DROP_PATH, f"train.grad_accumulation_steps={n_micro}")
+        last = first + n_steps
+        states, metrics = run_steps(
+            mesh,
+            n_steps,
+            loss_groups=8 // n_micro,
+            extra=extra,
+            first=first,
+            restore=restore,
+            save=lambda state, step=last: ckpt.save(step, saved_part(state), {"run": {}}),
+        )
+        if saved is not None:
+            for a, b in zip(leaves(states[0]), leaves(saved)):
+                np.testing.assert_array_equal(a, b)
+        for i, (m, r) in enumerate(zip(metrics, ref_metrics[first:])):
+            for k in ("loss", "dino_local", "dino_global", "ibot", "koleo"):
+                np.testing.assert_allclose(
+                    m[k], r[k], rtol=5e-5 if k == "koleo" else 2e-5, err_msg=f"{k}, step {first + i}"
+                )
+        for key in ("student", "teacher"):
+            for a, b in zip(leaves(states[-1][key]), leaves(ref_states[last][key])):
+                # Rounding differences compound: 1e-6 for each Adam step taken with lr > 0 (steps 1, 2, ...).
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * (last - 1), err_msg=f"{key} after step {last}")
+        saved = states[-1]
+    ckpt.close()
+
+
 def test_fsdp_shards_the_parameters():
     cfg = micro_config()
     run = setup(cfg, parallel.make_mesh(2, 4), global_batch=BATCH, steps=6)
@@ -184,6 +292,22 @@ def test_fsdp_shards_the_parameters():
     assert qkv.addressable_shards[0].data.shape == (16, 192)
     mu = run.state["opt_state"]
     assert any(getattr(x, "sharding", None) == qkv.sharding for x in jax.tree.leaves(mu))
+
+
+@pytest.mark.slow
+def test_the_trainer_resumes_on_another_layout_of_the_same_global_batch(tmp_path, capsys):
+    """`train` resumes a run written on the 8×1 mesh (4 images per device) on a 2×4 FSDP mesh with
+    2 images per device in each of 2 micro-batches, and says so; another global batch is refused."""
+    out = f"train.output_dir={tmp_path / 'run'}"
+    train(micro_config(out, "runtime.max_steps=2", "train.batch_size_per_gpu=4"), progress=False)
+    other_layout = ("mesh.fsdp=4", "train.batch_size_per_gpu=2", "train.grad_accumulation_steps=2")
+    with pytest.raises(ConfigError, match=r"run\.global_batch: 32 → 16"):
+        train(micro_config(out, "runtime.max_steps=3", *other_layout[:2]), progress=False)
+    result = train(micro_config(out, "runtime.max_steps=3", *other_layout), progress=False)
+    assert result["steps"] == 3 and np.isfinite(result["loss"])
+    said = capsys.readouterr().out
+    assert "resuming checkpoint 2 on another device layout, with the same global batch of 32 images" in said
+    assert "train.grad_accumulation_steps: 1 → 2" in said and "resumed from" in said
 
 
 @pytest.mark.slow

@@ -118,18 +118,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) axis split over every device, the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+    """The batch axis split over every device, the rest replicated."""
+    spec = [None] * ndim
+    spec[batch_axis] = BATCH_AXES
+    return NamedSharding(mesh, P(*spec))
 
 
-def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, per_sample: Sequence[str]) -> dict:
-    """Per-host numpy batch → global jax.Arrays: `per_sample` keys are split on the batch axis over
-    all devices (each process contributes its rows); the others are replicated as given."""
+def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, per_sample: Sequence[str], batch_axis: int = 0) -> dict:
+    """Per-host numpy batch → global jax.Arrays: `per_sample` keys are split on their batch axis
+    `batch_axis` over all devices (each process contributes its rows); the others are replicated
+    as given."""
     out = {}
     for key, value in batch.items():
         if key in per_sample:
-            out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+            out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim, batch_axis), value)
         else:
             out[key] = jax.make_array_from_process_local_data(replicated(mesh), value)
     return out

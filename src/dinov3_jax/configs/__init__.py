@@ -20,6 +20,7 @@ from dinov3_jax.configs.load import (
 )
 from dinov3_jax.configs.schema import (
     ARCHS,
+    LAYOUT_KEYS,
     NO_EFFECT_KEYS,
     PROJECT_SECTIONS,
     Config,
@@ -40,6 +41,7 @@ from dinov3_jax.configs.schema import (
 
 __all__ = [
     "ARCHS",
+    "LAYOUT_KEYS",
     "NO_EFFECT_KEYS",
     "PROJECT_SECTIONS",
     "Config",

@@ -709,6 +709,7 @@ def validate(cfg: Config) -> None:
 
     # Length, batch, optimizer.
     at_least("train.batch_size_per_gpu", 1)
+    at_least("train.grad_accumulation_steps", 1)
     at_least("train.OFFICIAL_EPOCH_LENGTH", 1)
     at_least("train.seed", 0)
     at_least("optim.epochs", 1)
@@ -826,17 +827,19 @@ def validate_for_devices(cfg: Config, n_devices: int) -> None:
         mesh_shape(cfg, n_devices)
     except ConfigError as e:
         problems.append(str(e))
-    batch = global_batch_size(cfg, n_devices)
+    n_micro = cfg.train.grad_accumulation_steps
+    batch = global_batch_size(cfg, n_devices) // n_micro  # of one micro-batch
     per_device = batch // n_devices
-    if batch % n_devices:
+    if global_batch_size(cfg, n_devices) % (n_devices * n_micro):
         problems.append(
-            f"multidistillation.global_batch_size: {batch} images do not split evenly over {n_devices} devices"
+            f"multidistillation.global_batch_size: {global_batch_size(cfg, n_devices)} images do not split "
+            f"evenly over {n_devices} devices × train.grad_accumulation_steps={n_micro} micro-batches"
         )
     group = cfg.dino.koleo_distributed_loss_group_size
     if cfg.dino.koleo_loss_distributed and group is not None and (group % per_device or batch % group or group < 2):
         problems.append(
             f"dino.koleo_distributed_loss_group_size: {group} must be a multiple of train.batch_size_per_gpu "
-            f"({per_device}) and divide the global batch ({batch} on {n_devices} devices)"
+            f"({per_device}) and divide the global batch of a micro-batch ({batch} on {n_devices} devices)"
         )
     if problems:
         raise ConfigError("config does not fit the devices:\n  " + "\n  ".join(problems))

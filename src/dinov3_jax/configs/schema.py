@@ -198,8 +198,12 @@ class Gram:
 class Train:
     """Batch, length, seeds, outputs and the activation checkpointing of the student."""
 
-    # Images per device (per GPU upstream); global batch = this × number of devices.
+    # Images per device (per GPU upstream) in each micro-batch; the global batch of a step, which
+    # the lr scaling rule and the centering see, is this × number of devices × grad_accumulation_steps.
     batch_size_per_gpu: int = 64
+    # Project addition: gradient accumulation over this many micro-batches per step, DINO-correct
+    # (the teacher's targets are centred over the whole batch; one optimizer and one EMA update).
+    grad_accumulation_steps: int = 1
     # Official dataset string (no effect: use data.source / data.path).
     dataset_path: str | None = "ImageNet:split=TRAIN"
     # Official extra dataset config (no effect).
@@ -690,6 +694,12 @@ RESUME_SAFE_KEYS = (
     "distributed",
 )
 
+# Keys a resume may change when the global batch stays the same (elastic restore: a checkpoint
+# written on one mesh continues on another): the checkpoint is placed onto the new mesh and the run
+# goes on with the same global batch, schedules and data stream; only what is computed per device
+# (KoLeo's and Gram's groups, the reduction order) follows the new layout.
+LAYOUT_KEYS = ("mesh", "train.batch_size_per_gpu", "train.grad_accumulation_steps", "run.processes")
+
 PROJECT_SECTIONS = ("mesh", "distributed", "data", "runtime", "compat")
 
 # Official keys that this implementation reads nowhere: accepted, with a one-line warning when
@@ -938,12 +948,13 @@ def source_kwargs(cfg: Config, num_samples: int | None) -> dict[str, Any]:
 
 
 def global_batch_size(cfg: Config, n_devices: int) -> int:
-    """Images per step over all devices: train.batch_size_per_gpu × n_devices, or
-    multidistillation.global_batch_size when it is set (every student sees all of them)."""
+    """Images per step over all devices and micro-batches: train.batch_size_per_gpu × n_devices ×
+    train.grad_accumulation_steps, or multidistillation.global_batch_size when it is set (every
+    student sees all of them)."""
     md = cfg.multidistillation
     if md.enabled and md.global_batch_size is not None:
         return md.global_batch_size
-    return cfg.train.batch_size_per_gpu * n_devices
+    return cfg.train.batch_size_per_gpu * n_devices * cfg.train.grad_accumulation_steps
 
 
 def lr_scale_factor(cfg: Config, global_batch: int) -> float:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from dinov3_jax import parallel
 from dinov3_jax.checkpoint import Checkpointer
 from dinov3_jax.configs import (
+    LAYOUT_KEYS,
     Config,
     ConfigError,
     config_to_yaml,
@@ -54,7 +55,7 @@ from dinov3_jax.train.step import (
     LossConfig,
     make_multi_student_step,
     make_train_step,
-    to_sample_major,
+    to_micro_batches,
 )
 from dinov3_jax.utils.files import atomic_write_text, folder_lock, writable_folder
 from dinov3_jax.utils.metrics import MetricsWriter
@@ -85,25 +86,27 @@ SCHEDULE_KEYS = (
 )
 
 
-def device_batch(host: dict[str, np.ndarray], mesh, *, stop: bool = False) -> dict:
+def device_batch(host: dict[str, np.ndarray], mesh, *, n_micro: int = 1, stop: bool = False) -> dict:
     """This process's crop-major host batch (the pipeline's) → the step's global batch on `mesh`:
-    sample-major, each process's rows at its place in the global batch (its first image is
-    process_index × its batch size), with the stop flag `stop` on every row."""
-    n = len(host["labels"])
-    sample_major = to_sample_major(host, jax.local_device_count(), jax.process_index() * n)
-    return parallel.host_to_global(sample_major | {"stop": np.full(n, stop)}, mesh, PER_SAMPLE_KEYS)
+    `n_micro` sample-major micro-batches on a leading axis (`train.grad_accumulation_steps`), each
+    split over every device, this process's rows at its place in each (`to_micro_batches`), with
+    the stop flag `stop` on every row."""
+    micro = to_micro_batches(host, n_micro, jax.local_device_count(), jax.process_index())
+    micro["stop"] = np.full(micro["labels"].shape, stop)
+    return parallel.host_to_global(micro, mesh, PER_SAMPLE_KEYS, batch_axis=1)
 
 
 class TrainingDiverged(RuntimeError):
     """Raised after too many consecutive non-finite steps."""
 
 
-def loss_config(cfg: Config, n_devices: int, global_batch: int) -> LossConfig:
-    """The static loss settings. KoLeo and Gram work per device (the official per-rank losses);
-    distributed KoLeo over groups of `dino.koleo_distributed_loss_group_size` samples (RECIPE.md §4.4)."""
+def loss_config(cfg: Config, n_devices: int, micro_batch: int) -> LossConfig:
+    """The static loss settings for a global (micro-)batch of `micro_batch` images. KoLeo and Gram
+    work per device (the official per-rank losses); distributed KoLeo over groups of
+    `dino.koleo_distributed_loss_group_size` samples (RECIPE.md §4.4)."""
     koleo_groups = n_devices
     if cfg.dino.koleo_loss_distributed:
-        koleo_groups = global_batch // (cfg.dino.koleo_distributed_loss_group_size or global_batch)
+        koleo_groups = micro_batch // (cfg.dino.koleo_distributed_loss_group_size or micro_batch)
     g = cfg.gram
     gram = None
     if g.use_loss:
@@ -290,7 +293,9 @@ def build_student(cfg: Config, mesh, distill: DistillConfig | None, teacher_dim:
         part["gram_teacher"] = (
             place_like(gram_weights["backbone"], backbone) if gram_weights else jax.tree.map(jnp.copy, backbone)
         )
-    lc = dataclasses.replace(loss_config(cfg, mesh.size, global_batch), distill=distill)
+    # The losses see one micro-batch at a time: KoLeo's groups are of its samples.
+    micro_batch = global_batch // cfg.train.grad_accumulation_steps
+    lc = dataclasses.replace(loss_config(cfg, mesh.size, micro_batch), distill=distill)
     run = StudentRun(
         cfg=cfg,
         student_def=student_def,
@@ -412,28 +417,43 @@ def saved_part(state: dict) -> dict:
 def check_resume(ckpt: Checkpointer, about: dict[str, Any], cfg: Config) -> None:
     """Refuses to resume the newest checkpoint with a config that would make it another run
     (any key outside RESUME_SAFE_KEYS and `runtime.resume_allow_changes`, or another global
-    batch or process count), listing every difference."""
+    batch), listing every difference. Another device layout (LAYOUT_KEYS: mesh, devices, processes,
+    micro-batches) with the same global batch is an elastic restore: allowed, and said."""
     for step in ckpt.steps():
         try:
             stored = ckpt.about(step)
+            break
         except Exception:  # a damaged checkpoint: the restore sets it aside and compares an older one
             continue
-        allow = cfg.runtime.resume_allow_changes
-        before = {**yaml.safe_load(stored["config"]), "run": stored.get("run", about["run"])}
-        now = {**yaml.safe_load(about["config"]), "run": about["run"]}
-        changed = resume_differences(before, now, allow)
-        was, will = ({k: yaml.safe_load(v) for k, v in meta.get("students", {}).items()} for meta in (stored, about))
-        for name in sorted(was.keys() | will.keys()):  # each student's merged config
-            changed += [f"{name}: {line}" for line in resume_differences(was.get(name, {}), will.get(name, {}), allow)]
-        if changed:
-            keys = ",".join(sorted({line.split(":", 1)[0] for line in changed}))
-            raise ConfigError(
-                f"train.output_dir={ckpt.directory.parent} holds checkpoint {step} of a run with another config; "
-                "resuming it with this one would not be the same run:\n  " + "\n  ".join(changed) + "\n"
-                f"Choose a new train.output_dir, or resume with the change on purpose: "
-                f"runtime.resume_allow_changes=[{keys}]"
-            )
+    else:
         return
+    allow = cfg.runtime.resume_allow_changes
+    before = {**yaml.safe_load(stored["config"]), "run": stored.get("run", about["run"])}
+    now = {**yaml.safe_load(about["config"]), "run": about["run"]}
+    was, will = ({k: yaml.safe_load(v) for k, v in meta.get("students", {}).items()} for meta in (stored, about))
+
+    def differences(skip) -> list[str]:
+        lines = resume_differences(before, now, skip)
+        for name in sorted(was.keys() | will.keys()):  # each student's merged config
+            lines += [f"{name}: {line}" for line in resume_differences(was.get(name, {}), will.get(name, {}), skip)]
+        return lines
+
+    changed = differences((*allow, *LAYOUT_KEYS))
+    if changed:
+        keys = ",".join(sorted({line.split(":", 1)[0] for line in changed}))
+        raise ConfigError(
+            f"train.output_dir={ckpt.directory.parent} holds checkpoint {step} of a run with another config; "
+            "resuming it with this one would not be the same run:\n  " + "\n  ".join(changed) + "\n"
+            f"Choose a new train.output_dir, or resume with the change on purpose: "
+            f"runtime.resume_allow_changes=[{keys}]"
+        )
+    moved = differences(allow)
+    if moved:
+        print(
+            f"resuming checkpoint {step} on another device layout, with the same global batch of "
+            f"{about['run']['global_batch']} images ({'; '.join(moved)}): KoLeo and Gram now group the samples "
+            "of each new device"
+        )
 
 
 def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict[str, Any]:
@@ -555,7 +575,7 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
         host = next(iterator)
         unreadable.add(host.pop("skipped_from"), host.pop("n_skipped"))
         # A signal on any process reaches every process through the step: all stop at one step.
-        batch_now = device_batch(host, mesh, stop=stop.signum is not None)
+        batch_now = device_batch(host, mesh, n_micro=cfg.train.grad_accumulation_steps, stop=stop.signum is not None)
         state, metrics = step_fn(state, batch_now, run.schedule_values(step))
         done = step + 1
         # The previous step's NaN streak and stop flag, read once this step is queued (no stall of

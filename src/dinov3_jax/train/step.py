@@ -104,32 +104,46 @@ class LossConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def to_sample_major(batch: dict[str, np.ndarray], n_devices_local: int, host_offset_images: int = 0) -> dict:
+def to_micro_batches(
+    batch: dict[str, np.ndarray], n_micro: int, n_devices_local: int, process_index: int = 0
+) -> dict[str, np.ndarray]:
     """Host batch (crop-major, as the data pipeline and the official collate produce it) → the
-    sample-major layout of the step: crops [B, n_crops, ...], masks [B, 2, N], and mask indices
-    into the sample-major flattening [B·2·N] shifted by this host's first global image. The mask
-    index list is padded to a multiple of the local device count so it shards evenly."""
-    g, loc, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+    layout of the step: `n_micro` micro-batches of m = B / n_micro consecutive samples stacked on a
+    leading axis (gradient accumulation; one when there is none), each sample-major: crops
+    [n_micro, m, n_crops, ...], masks [n_micro, m, 2, N], labels [n_micro, m], and per micro-batch the
+    masked patches as indices into the sample-major flattening [m_global · 2 · N] of the global
+    micro-batch (this process's m samples start at process_index · m) with their iBOT weights
+    (1 / masked count of the crop; 0 on padding).
+
+    The index list has a static length: the masked counts of a batch's crops are always the same
+    multiset (`data.masking.mask_targets`, only their placement is random), so the largest number
+    a micro-batch can hold, the sum of the 2m largest counts, depends on the shapes alone. It is
+    padded to a multiple of the local device count so it shards evenly."""
+    g = batch["global_crops"]
     b = g.shape[0] // 2
-    n = masks.shape[1]
-    sample_major = lambda x: x.reshape(x.shape[0] // b, b, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+    if b % n_micro:
+        raise ValueError(f"a host batch of {b} images does not split into {n_micro} micro-batches")
+    m = b // n_micro
+
+    def micro(x: np.ndarray) -> np.ndarray:  # crop-major [C·B, ...] → [n_micro, m, C, ...]
+        x = x.reshape(x.shape[0] // b, b, *x.shape[1:]).swapaxes(0, 1)
+        return x.reshape(n_micro, m, *x.shape[1:])
+
     out = {
-        "global_crops": sample_major(g),
-        "local_crops": sample_major(loc),
-        "masks": sample_major(masks),
-        "labels": batch["labels"],
+        key: micro(batch[key]) for key in ("global_crops", "local_crops", "masks", "gram_teacher_crops") if key in batch
     }
-    if "gram_teacher_crops" in batch:
-        out["gram_teacher_crops"] = sample_major(batch["gram_teacher_crops"])
-    idx = batch["mask_indices"].astype(np.int64)
-    crop, image, patch = idx // (b * n), (idx // n) % b, idx % n
-    flat_index = (host_offset_images + image) * 2 * n + crop * n + patch
-    weights = batch["mask_weights"].astype(np.float32)
-    pad = (-len(idx)) % n_devices_local
-    out["mask_indices"] = np.concatenate([np.where(weights > 0, flat_index, 0), np.zeros(pad, np.int64)]).astype(
-        np.int32
-    )
-    out["mask_weights"] = np.concatenate([weights, np.zeros(pad, np.float32)])
+    out["labels"] = batch["labels"].reshape(n_micro, m)
+    masks = out["masks"].reshape(n_micro, -1)  # [n_micro, m·2·N], sample-major within each micro-batch
+    counts = out["masks"].sum(axis=-1)  # [n_micro, m, 2]
+    bound = int(np.sort(counts, axis=None)[::-1][: 2 * m].sum())
+    length = max(n_devices_local, -(-bound // n_devices_local) * n_devices_local)
+    out["mask_indices"] = np.zeros((n_micro, length), np.int32)
+    out["mask_weights"] = np.zeros((n_micro, length), np.float32)
+    n_patches = batch["masks"].shape[1]
+    for j in range(n_micro):
+        flat = np.flatnonzero(masks[j])
+        out["mask_indices"][j, : len(flat)] = flat + process_index * m * 2 * n_patches
+        out["mask_weights"][j, : len(flat)] = 1.0 / counts[j].reshape(-1)[flat // n_patches]
     return out
 
 
@@ -156,11 +170,13 @@ def teacher_logits(teacher: SSLModel, batch: dict) -> tuple[Array, Array, Array]
 
 
 def center_targets(logits: tuple[Array, Array], batch: dict, temp: Array, centers: dict, lc: LossConfig):
-    """Centred teacher probabilities of the `teacher_logits`: DINO [2, B, K] and iBOT [M, K]
-    (zero rows where the mask index list is padding); and the centres after the softmax-centering
-    update (unchanged with Sinkhorn-Knopp)."""
-    cls_logits, patch_logits = logits
-    valid = (batch["mask_weights"] > 0).astype(jnp.float32)
+    """Centred teacher probabilities of the `teacher_logits` of every micro-batch (DINO
+    [n_micro, 2m, K], iBOT [n_micro, M, K]): DINO [n_micro, 2, m, K] and iBOT [n_micro, M, K] (zero
+    rows where the mask index list is padding); and the centres after the softmax-centering update
+    (unchanged with Sinkhorn-Knopp). Both are computed over the whole effective batch, all
+    micro-batches at once, so that gradient accumulation does not change the targets."""
+    cls_logits, patch_logits = (x.reshape(-1, x.shape[-1]) for x in logits)
+    valid = (batch["mask_weights"].reshape(-1) > 0).astype(jnp.float32)
     if lc.centering == "sinkhorn_knopp":
         dino_t = sinkhorn_knopp(cls_logits, temp)
         ibot_t = sinkhorn_knopp(patch_logits, temp, weights=valid)
@@ -172,8 +188,17 @@ def center_targets(logits: tuple[Array, Array], batch: dict, temp: Array, center
             "dino": update_center(centers["dino"], cls_logits, lc.center_momentum),
             "ibot": update_center(centers["ibot"], patch_logits, lc.center_momentum, weights=valid),
         }
-    b = batch["global_crops"].shape[0]
-    return jax.lax.stop_gradient((_crops_first(dino_t, b), ibot_t)), new_centers
+    n_micro, m = batch["global_crops"].shape[:2]
+    dino_t = jax.vmap(_crops_first, in_axes=(0, None))(dino_t.reshape(n_micro, 2 * m, -1), m)
+    return jax.lax.stop_gradient((dino_t, ibot_t.reshape(logits[1].shape))), new_centers
+
+
+def each_micro_batch(fn, batch: dict, *args):
+    """`fn(micro_batch, *args)` for every micro-batch of `batch` (leading axis), outputs stacked:
+    one after the other (`lax.map`), so that only one micro-batch's activations live at a time."""
+    if batch["global_crops"].shape[0] == 1:  # no accumulation: the plain program
+        return jax.tree.map(lambda x: x[None], fn(jax.tree.map(lambda x: x[0], batch), *args))
+    return jax.lax.map(lambda micro: fn(micro, *args), batch)
 
 
 def gram_targets(gram_teacher: nnx.Module, batch: dict, grid: tuple[int, int], gc: GramConfig) -> Array:
@@ -346,14 +371,35 @@ def make_student_update(student_def: nnx.GraphDef, tx: optax.GradientTransformat
     part of the state (student, teacher, opt_state, centers and the NaN counters) unchanged and counts the streak."""
     features = lc.distill is not None and lc.distill.objective == "features"
 
-    def update(state: dict, batch: dict, sched: dict, targets, gram_t, centers, key) -> tuple[dict, dict]:
-        def loss_fn(params):
-            student = nnx.merge(student_def, nnx.State(params))
-            if features:
-                return feature_losses(student, batch, targets, key, sched, lc)
-            return student_losses(student, batch, targets, gram_t, key, sched, lc, masked=lc.distill is None)
+    def loss_fn(params, micro: tuple, sched: dict):
+        batch, targets, gram_t, key = micro
+        student = nnx.merge(student_def, nnx.State(params))
+        if features:
+            return feature_losses(student, batch, targets, key, sched, lc)
+        return student_losses(student, batch, targets, gram_t, key, sched, lc, masked=lc.distill is None)
 
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["student"])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulated_grads(params, batch: dict, targets, gram_t, key, sched: dict):
+        """`((loss, terms), gradient)` of the effective batch: the mean over the micro-batches (of
+        equal size) of each one's, run one after the other (`lax.scan`) with the gradients summed
+        in fp32. Each micro-batch draws its own drop path and RoPE augmentation."""
+        n_micro = batch["global_crops"].shape[0]
+        first = jax.tree.map(lambda x: x[0], (batch, targets, gram_t))
+        if n_micro == 1:  # no accumulation: the plain program
+            return grad_fn(params, (*first, key), sched)
+
+        def add(total, j_and_micro):
+            j, micro = j_and_micro
+            return jax.tree.map(jnp.add, total, grad_fn(params, (*micro, jax.random.fold_in(key, j)), sched)), None
+
+        shapes = jax.eval_shape(grad_fn, params, (*first, key), sched)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+        total, _ = jax.lax.scan(add, zeros, (jnp.arange(n_micro), (batch, targets, gram_t)))
+        return jax.tree.map(lambda x: x / n_micro, total)
+
+    def update(state: dict, batch: dict, sched: dict, targets, gram_t, centers, key) -> tuple[dict, dict]:
+        (loss, parts), grads = accumulated_grads(state["student"], batch, targets, gram_t, key, sched)
         updates, opt_state = tx.update(
             grads,
             state["opt_state"],
@@ -412,22 +458,30 @@ def make_train_step(
     update = make_student_update(student_def, tx, lc)
 
     def train_step(state: dict, batch: dict, sched: dict) -> tuple[dict, dict]:
+        # The teacher's pass over every micro-batch comes first, without gradients, and its targets
+        # are centred over all of them (DINO-correct gradient accumulation).
         temp, centers = sched["teacher_temp"], state["centers"]
         if lc.distill is None:
-            teacher = nnx.merge(teacher_def, nnx.State(state["teacher"]))
-            cls_logits, patch_logits, teacher_patches = teacher_logits(teacher, batch)
+            ema = lambda micro, p: teacher_logits(nnx.merge(teacher_def, nnx.State(p)), micro)  # noqa: E731
+            cls_logits, patch_logits, teacher_patches = each_micro_batch(ema, batch, state["teacher"])
             targets, centers = center_targets((cls_logits, patch_logits), batch, temp, centers, lc)
         else:
-            targets, shared = distill_targets(distill_def, state["distill_teacher"], batch, lc.distill)
+            targets, shared = each_micro_batch(
+                distill_targets, batch, distill_def, state["distill_teacher"], lc.distill
+            )
             if shared is not None:
                 targets, centers = center_targets(shared, batch, temp, centers, lc)
         gram_t = None
         if lc.gram is not None and lc.gram.ema_teacher:
             gram_t = teacher_patches
         elif lc.gram is not None:
-            g, patch = batch["global_crops"], teacher.backbone.config.patch_size
-            gram_backbone = nnx.merge(gram_def, nnx.State(state["gram_teacher"]))
-            gram_t = gram_targets(gram_backbone, batch, (g.shape[2] // patch, g.shape[3] // patch), lc.gram)
+            patch = nnx.merge(teacher_def, nnx.State(state["teacher"])).backbone.config.patch_size
+
+            def gram_of(micro, p):
+                grid = tuple(size // patch for size in micro["global_crops"].shape[2:4])
+                return gram_targets(nnx.merge(gram_def, nnx.State(p)), micro, grid, lc.gram)
+
+            gram_t = each_micro_batch(gram_of, batch, state["gram_teacher"])
 
         student_state, metrics = update(state, batch, sched, targets, gram_t, centers, _step_key(state))
         # The Gram and distillation teachers (if any) pass through unchanged.
@@ -437,7 +491,7 @@ def make_train_step(
     return train_step
 
 
-def distill_targets(distill_def: nnx.GraphDef, params: dict, batch: dict, dc: DistillConfig):
+def distill_targets(batch: dict, distill_def: nnx.GraphDef, params: dict, dc: DistillConfig):
     """What the frozen teacher gives every student: `(tokens, None)` for feature distillation,
     `(None, (DINO logits, iBOT logits))` for the heads objective (each student centres them with
     its own temperature)."""
@@ -459,7 +513,7 @@ def make_multi_student_step(students: dict[str, tuple], distill_def: nnx.GraphDe
     updates = {name: make_student_update(sdef, tx, lc) for name, (sdef, tx, lc) in students.items()}
 
     def train_step(state: dict, batch: dict, sched: dict) -> tuple[dict, dict]:
-        tokens, logits = distill_targets(distill_def, state["distill_teacher"], batch, dc)
+        tokens, logits = each_micro_batch(distill_targets, batch, distill_def, state["distill_teacher"], dc)
         key = _step_key(state)
         new_students, metrics = {}, {}
         for name, update in updates.items():
