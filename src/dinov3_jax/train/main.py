@@ -42,6 +42,7 @@ from dinov3_jax.configs import (
 from dinov3_jax.data.pipeline import UnreadableImages, build_train_pipeline
 from dinov3_jax.data.sources import make_source
 from dinov3_jax.eval.knn import KnnEvaluator, knn_split_problem
+from dinov3_jax.inference import CPU_CHECKPOINTING_OPTIONS, cpu_compiler_options
 from dinov3_jax.models.heads import FeatureStudent, SSLModel, head_configs
 from dinov3_jax.models.registry import stride_of
 from dinov3_jax.models.vit import DinoVisionTransformer
@@ -363,7 +364,14 @@ def setup(cfg: Config, mesh, *, global_batch: int, steps: int, loss_groups: int 
     else:
         s = students[""]
         step = make_train_step(s.student_def, s.teacher_def, s.tx, s.loss_config, gram_def, distill_def)
-    step_fn = jax.jit(step, in_shardings=(state_sh, None, repl), out_shardings=(state_sh, repl), donate_argnums=0)
+    checkpointed = any(s.cfg.train.checkpointing for s in students.values())
+    step_fn = jax.jit(
+        step,
+        in_shardings=(state_sh, None, repl),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,
+        compiler_options=cpu_compiler_options(CPU_CHECKPOINTING_OPTIONS) if checkpointed else None,
+    )
     copy_teacher_to_gram = None
     if gram_def is not None:
         copy_teacher_to_gram = jax.jit(
