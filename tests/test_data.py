@@ -768,3 +768,23 @@ def test_a_resumed_stream_on_another_process_count_yields_the_same_samples():
     assert one.keys() == two.keys() and len(one) == 8
     for label in one:
         np.testing.assert_array_equal(one[label], two[label])
+
+
+def test_a_subset_of_a_class_sorted_folder_keeps_every_class(tmp_path):
+    """data.num_samples / data.knn_train_samples: a folder read in sorted order lists its classes
+    one after the other; the subset is stratified (each class its share, drawn with the seed), not
+    the first N files (which would be the first class only)."""
+    sizes = {"a": 12, "b": 6, "c": 2}
+    for name, count in sizes.items():
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / name / f"{i}.png")
+    subset = make_source("folder", tmp_path, num_samples=10, seed=0)
+    counts = np.bincount([subset[i][1] for i in range(len(subset))], minlength=3)
+    assert counts.tolist() == [6, 3, 1]  # 12/20, 6/20 and 2/20 of 10
+    assert subset.labels.tolist() == sorted(subset.labels.tolist())  # read in source order
+    other = make_source("folder", tmp_path, num_samples=10, seed=1)
+    assert list(subset.indices) != list(other.indices)  # another seed, another draw
+    assert list(make_source("folder", tmp_path, num_samples=10, seed=0).indices) == list(subset.indices)
+    # As few images as classes: one of each.
+    assert sorted(make_source("folder", tmp_path, num_samples=3).labels.tolist()) == [0, 1, 2]

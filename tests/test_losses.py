@@ -343,3 +343,24 @@ def test_prototype_init_std():
         head = DINOHead(16, 512, hidden_dim=24, bottleneck_dim=64, last_layer_init_std=std, rngs=nnx.Rngs(0))
         assert np.std(np.asarray(head.last_layer.kernel[...])) == pytest.approx(std, rel=0.03)
         assert np.std(np.asarray(head.mlp[0].kernel[...])) == pytest.approx(0.02, rel=0.1)
+
+
+def test_collapse_diagnostics_on_hand_made_inputs():
+    """losses.diagnostics, against values written by hand: a collapsed batch (every image the same
+    feature, every target the same prototype) has effective rank 1 and one prototype in use;
+    orthonormal features have full rank; uniform targets have entropy log K."""
+    from dinov3_jax.losses.diagnostics import effective_rank, mean_entropy, prototypes_in_use
+
+    collapsed = jnp.tile(jnp.asarray([[0.6, 0.8, 0.0]]), (16, 1))
+    assert float(effective_rank(collapsed)) == pytest.approx(1.0, abs=1e-5)
+    assert float(effective_rank(jnp.eye(8, 12))) == pytest.approx(8.0, rel=1e-5)
+    # Two directions with singular values 3 and 1: p = (3/4, 1/4), rank = exp(H(p)).
+    two = jnp.asarray([[3.0, 0.0], [0.0, 1.0]])
+    assert float(effective_rank(two)) == pytest.approx(
+        math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), rel=1e-5
+    )
+    one_hot = jax.nn.one_hot(jnp.full((2, 16), 3), 10)  # [crops, batch, K], all on prototype 3
+    assert int(prototypes_in_use(one_hot)) == 1 and float(mean_entropy(one_hot)) == 0.0
+    spread = jax.nn.one_hot(jnp.arange(32).reshape(2, 16) % 10, 10)
+    assert int(prototypes_in_use(spread)) == 10
+    assert float(mean_entropy(jnp.full((4, 10), 0.1))) == pytest.approx(math.log(10), rel=1e-6)

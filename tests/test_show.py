@@ -198,3 +198,31 @@ def test_logistic_regression_separates():
     assert np.mean((clf.predict_proba(x) >= 0.5) == y) > 0.97
     targets = foreground.patch_targets(np.pad(np.ones((16, 16), np.uint8), ((0, 16), (0, 16))), (2, 2))
     np.testing.assert_array_equal(targets, [[1, 0], [0, 0]])
+
+
+def test_plot_writes_the_curves_of_a_run(tmp_path):
+    """`dinov3-jax plot RUN_DIR` draws a PNG from a small metrics.jsonl (with a non-finite value,
+    k-NN rows and a multi-student series); a folder without metrics is a one-line error."""
+    import json
+
+    rows = [
+        {
+            "step": s,
+            "loss": 8.0 - s,
+            "dino_global_minus_log_k": 0.5 - 0.2 * s,
+            "teacher_entropy": 3.0,
+            "student_entropy": 3.5 - 0.1 * s,
+            "prototypes_in_use": 40 + s,
+            "cls_effective_rank": 10.0 + s,
+            "lr": 1e-4 * s,
+            "s1/loss": 7.0 if s != 2 else "nan",
+        }
+        for s in range(1, 5)
+    ]
+    rows.append({"step": 4, "knn/top1_k20": 55.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["plot", str(tmp_path)]) == 0
+    with Image.open(tmp_path / "curves.png") as png:
+        assert png.size[0] > 800 and png.size[1] > 400
+    (tmp_path / "empty").mkdir()
+    assert main(["plot", str(tmp_path / "empty")]) == 2

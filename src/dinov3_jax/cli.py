@@ -1,4 +1,4 @@
-"""The `dinov3-jax` command line: `train`, `convert`, `features`, `eval`, `show`, `segment`, `models`."""
+"""The `dinov3-jax` command line: `train`, `convert`, `features`, `eval`, `show`, `plot`, `segment`, `models`."""
 
 from __future__ import annotations
 
@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="PNG pictures of patch features: pca, similarity, attention, foreground, match")
     show_cli.add_arguments(show)
     show.set_defaults(run=show_cli.run)
+
+    from dinov3_jax.show import curves
+
+    plot = sub.add_parser(
+        "plot", help="a PNG of a run's curves (losses, collapse diagnostics, k-NN) from metrics.jsonl"
+    )
+    curves.add_arguments(plot)
+    plot.set_defaults(run=curves.run)
 
     from dinov3_jax.eval import segment
 

@@ -271,6 +271,10 @@ class FashionMNISTSource:
         return np.repeat(images[index][:, :, None], 3, axis=2), int(labels[index])
 
     @property
+    def labels(self) -> np.ndarray:
+        return self._load()[1].astype(np.int32)
+
+    @property
     def num_classes(self) -> int:
         return len(FASHION_MNIST_CLASSES)
 
@@ -464,20 +468,41 @@ def _shape_mask(
 # ---------------------------------------------------------------------------------------------
 
 
-class SubsetSource:
-    """The first ``n`` items of another source."""
+def stratified_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """`n` indices of `labels` [N] (sorted), the same for a given `seed`: each class keeps its share
+    of the `n` (every class at least one while `n` allows), the members drawn at random. Labels of
+    -1 (no labels) are one class: a plain random draw."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    order = rng.permutation(len(labels))
+    position = np.empty(len(labels))
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        position[members] = np.arange(len(members)) / len(members)  # each class spread over [0, 1)
+    return np.sort(np.lexsort((rng.random(len(labels)), position))[:n])
 
-    def __init__(self, source: ImageSource, n: int):
+
+class SubsetSource:
+    """``n`` items of another source, the same for a given ``seed``: stratified by label when the
+    source lists its labels (`stratified_indices`: a folder sorted by class keeps every class in
+    its share), else drawn at random; read in source order."""
+
+    def __init__(self, source: ImageSource, n: int, seed: int = 0):
         if n <= 0:
             raise ValueError(f"subset size must be > 0, got {n}")
         self.source = source
         self.n = min(int(n), len(source))
+        all_labels = getattr(source, "labels", None)
+        if all_labels is None:
+            all_labels = np.full(len(source), -1, np.int32)
+        self.indices = np.arange(self.n) if self.n == len(source) else stratified_indices(all_labels, self.n, seed)
+        self.labels = np.asarray(all_labels)[self.indices]
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, index: int):
-        return self.source[_check_index(index, self.n)]
+        return self.source[int(self.indices[_check_index(index, self.n)])]
 
     def __getattr__(self, name: str):
         if name == "source":  # not yet set (unpickling)
@@ -508,7 +533,8 @@ def make_source(
 ) -> ImageSource:
     """Build a source by name: ``folder`` (uses ``path/<split>`` when that folder exists),
     ``filelist``, ``fashion_mnist`` and ``synthetic``. ``num_samples`` sets the synthetic size and
-    truncates the others; ``seed``/``image_size`` only affect the synthetic source."""
+    keeps a subset of the others (stratified by class, drawn with ``seed``: `SubsetSource`);
+    ``image_size`` only affects the synthetic source."""
     kind = kind.lower().replace("-", "_")
     path = path or None
     if kind in ("folder", "imagefolder", "image_folder"):
@@ -531,5 +557,5 @@ def make_source(
     else:
         raise ValueError(f"unknown source kind {kind!r}; use folder, filelist, fashion_mnist or synthetic")
     if num_samples:
-        src = SubsetSource(src, num_samples)
+        src = SubsetSource(src, num_samples, seed=seed)
     return src

@@ -123,6 +123,16 @@ class KnnEvaluator:
         self.ks = tuple(cfg.runtime.knn_k)
         self.num_classes = self.train_source.num_classes
 
+    def memory_summary(self) -> str:
+        """The k-NN memory's size and images per class (when the source lists its labels)."""
+        text = f"k-NN memory: {len(self.train_source)} images, {len(self.val_source)} queries"
+        labels = getattr(self.train_source, "labels", None)
+        if labels is None:
+            return text
+        names = getattr(self.train_source, "class_names", None) or [str(i) for i in range(self.num_classes)]
+        counts = np.bincount(np.asarray(labels)[np.asarray(labels) >= 0], minlength=len(names))
+        return text + "; per class: " + ", ".join(f"{name} {count}" for name, count in zip(names, counts))
+
     def __call__(self, module) -> dict[str, float]:
         backbone = Backbone(module, normalization=None, mean=self.mean, std=self.std)
         train, val = (

@@ -422,6 +422,30 @@ def saved_part(state: dict) -> dict:
     return {k: v for k, v in state.items() if k not in NOT_CHECKPOINTED}
 
 
+def start_summary(cfg: Config, run: TrainingSetup, source, batch: int, steps: int, start: int, out: Path) -> str:
+    """What the run is, in a few lines (the whole resolved config is in OUT/config.yaml)."""
+    lines = []
+    for name, part in run.student_states(run.state).items():
+        student = run.students[name].cfg.student
+        n_backbone = sum(int(x.size) for x in jax.tree.leaves(part["student"]["backbone"]))
+        n_all = sum(int(x.size) for x in jax.tree.leaves(part["student"]))
+        lines.append(
+            f"student{' ' + name if name else ''}: {student.arch}/{student.patch_size}, "
+            f"{n_backbone / 1e6:.2f}M parameters ({n_all / 1e6:.2f}M with heads)"
+        )
+    c, k = cfg.crops, cfg.train.grad_accumulation_steps
+    micro = f" in {k} micro-batches" if k > 1 else ""
+    lines += [
+        f"data: {cfg.data.source} {cfg.data.path or ''} ({len(source)} images)".replace("  ", " "),
+        f"crops: 2 global of {c.global_crops_size} px, {c.local_crops_number} local of {c.local_crops_size} px",
+        f"batch: {batch} images a step{micro}; steps {start}..{steps}",
+        f"devices: {jax.device_count()} ({jax.devices()[0].platform}, {jax.process_count()} process(es)), "
+        f"mesh data {run.mesh.shape['data']} x fsdp {run.mesh.shape['fsdp']}",
+        f"output: {out} (the resolved config: config.yaml)",
+    ]
+    return "\n".join(lines)
+
+
 def check_resume(ckpt: Checkpointer, about: dict[str, Any], cfg: Config) -> None:
     """Refuses to resume the newest checkpoint with a config that would make it another run
     (any key outside RESUME_SAFE_KEYS and `runtime.resume_allow_changes`, or another global
@@ -485,7 +509,6 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
         atomic_write_text(out / "config.yaml", resolved)
         for name, text in about.get("students", {}).items():  # each student's folder: its config, then its backbone
             atomic_write_text(writable_folder(out / "students" / name, "train.output_dir") / "config.yaml", text)
-        print(resolved)
     writer = MetricsWriter(out) if jax.process_index() == 0 else None
 
     # ------------------------------------------------------------------ Model, optimizer, state, step
@@ -521,6 +544,8 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
         inverted_blur_probabilities=cfg.compat.inverted_blur_probabilities,
     )
     iterator = iter(pipeline)
+    if jax.process_index() == 0:
+        print(start_summary(cfg, run, source, batch, steps, start, out))
     suffix = "" if jax.process_index() == 0 else f".process{jax.process_index()}"
     unreadable = UnreadableImages(source, out / f"unreadable_images{suffix}.txt", cfg.data.max_unreadable_fraction)
     gram_copies = gram_teacher_copies(cfg.gram, steps) if uses_gram_teacher(cfg) else frozenset()
@@ -536,6 +561,8 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
             # split is small): no cross-host feature gathering.
             local_mesh = mesh if jax.process_count() == 1 else parallel.make_mesh(devices=jax.local_devices())
             evaluator = KnnEvaluator(cfg, local_mesh)
+            if jax.process_index() == 0:
+                print(evaluator.memory_summary())
 
     def ema_backbones(state) -> dict[str, nnx.Module]:
         """Each student's EMA backbone, gathered to the host (a collective on multi-host FSDP: every

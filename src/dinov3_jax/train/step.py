@@ -40,6 +40,7 @@ from dinov3_jax.losses import (
     softmax_center,
     update_center,
 )
+from dinov3_jax.losses.diagnostics import effective_rank, mean_entropy, prototypes_in_use
 from dinov3_jax.models.heads import SSLModel, l2_normalize
 from dinov3_jax.train.optim import submodule_norms
 
@@ -291,7 +292,14 @@ def feature_losses(
         cls_local = jnp.mean(distance(s_local, t_cls.reshape(b, 1, 2, -1)))
     koleo = _koleo(out_g["x_norm_clstoken"], b, lc)
     total = _weighted_total(lc, weights, n_local, cls_local, cls_global, patch, koleo)
-    return total, {"cls_local": cls_local, "cls_global": cls_global, "patch": patch, "koleo": koleo}
+    rank = effective_rank(jax.lax.stop_gradient(out_g["x_norm_clstoken"]))
+    return total, {
+        "cls_local": cls_local,
+        "cls_global": cls_global,
+        "patch": patch,
+        "koleo": koleo,
+        "cls_effective_rank": rank,
+    }
 
 
 def student_losses(
@@ -332,7 +340,16 @@ def student_losses(
     ibot = ibot_loss(s_patch, ibot_t, batch["mask_weights"], n_images=2 * b, student_temp=lc.student_temp)
     koleo = _koleo(out_g["x_norm_clstoken"], b, lc)
     total = _weighted_total(lc, weights, n_local, dino_local, dino_global, ibot, koleo)
-    metrics = {"dino_local": dino_local, "dino_global": dino_global, "ibot": ibot, "koleo": koleo}
+    metrics = {
+        "dino_local": dino_local,
+        "dino_global": dino_global,
+        "ibot": ibot,
+        "koleo": koleo,
+        # Learning or collapse (losses.diagnostics): below 0, the student predicts better than chance.
+        "dino_global_minus_log_k": dino_global - jnp.log(s_global.shape[-1]),
+        "student_entropy": mean_entropy(jax.nn.softmax(s_global.astype(jnp.float32) / lc.student_temp, axis=-1)),
+        "cls_effective_rank": effective_rank(jax.lax.stop_gradient(out_g["x_norm_clstoken"])),
+    }
     if lc.gram is not None:
         gc = lc.gram
         groups = lambda x: x.reshape(gc.groups, -1, *x.shape[1:])  # noqa: E731 (consecutive images per device)
@@ -426,6 +443,11 @@ def make_student_update(student_def: nnx.GraphDef, tx: optax.GradientTransformat
             "nan_total": state["nan_total"] + (~finite).astype(jnp.int32),
         }
         norms = {f"grad_norm_{k}": v for k, v in submodule_norms(grads).items()}  # before clipping
+        if not features:  # the teacher's DINO targets [n_micro, 2, m, K] over the whole batch
+            parts = parts | {
+                "teacher_entropy": mean_entropy(targets[0]),
+                "prototypes_in_use": prototypes_in_use(targets[0]),
+            }
         return new_state, {"loss": loss, **parts, **norms, "finite": finite, "nan_streak": streak, **sched}
 
     return update
