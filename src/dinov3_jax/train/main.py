@@ -578,16 +578,25 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
         """Where a student's backbone goes: the run folder, or its folder under students/."""
         return out / "students" / name if name else out
 
+    t0, evaluating = time.perf_counter(), 0.0  # the loop's start; seconds spent in k-NN evaluations
+
+    def train_seconds() -> float:
+        """Wall seconds of this session's training so far (compilation included, k-NN excluded)."""
+        return time.perf_counter() - t0 - evaluating
+
     def evaluate(step: int, backbone: nnx.Module, name: str = "") -> dict[str, float]:
+        nonlocal evaluating
+        began = time.perf_counter()
         result = evaluator(backbone)
+        evaluating += time.perf_counter() - began
         if writer:
-            writer.write(step, {f"knn/{name + '/' if name else ''}{k}": v for k, v in result.items()})
+            row = {f"knn/{name + '/' if name else ''}{k}": v for k, v in result.items()}
+            writer.write(step, row | {"train_seconds": train_seconds()})
         return result
 
     # ------------------------------------------------------------------ Loop
     bar = tqdm(total=steps, initial=start, disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
     metrics: dict[str, Any] = {}
-    t0 = time.perf_counter()
     end = steps
 
     def read_back(at: int, step_metrics: dict) -> bool:
@@ -623,7 +632,12 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
             shown = ("loss",) if run.multi else ("loss", "dino_local", "dino_global", "ibot", "koleo", "gram")
             bar.set_postfix({k: f"{float(v):.3f}" for k, v in metrics.items() if k.split("/")[-1] in shown})
             if writer:
-                writer.write(done, dict(metrics) | {"skipped_steps": total_bad, "skipped_images": len(unreadable)})
+                extra = {
+                    "skipped_steps": total_bad,
+                    "skipped_images": len(unreadable),
+                    "train_seconds": train_seconds(),
+                }
+                writer.write(done, dict(metrics) | extra)
         bar.update(1)
         if stopping:
             end = done
@@ -657,7 +671,7 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
             writer.close()
         print(f"stopped by {stop.name} after step {end} with a checkpoint; run the same command to resume")
         return {"steps": end, "interrupted": stop.name, "state": state}
-    elapsed = time.perf_counter() - t0
+    elapsed = train_seconds()
 
     # ------------------------------------------------------------------ Export
     backbones = ema_backbones(state)

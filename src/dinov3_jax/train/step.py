@@ -10,6 +10,11 @@
 4. AdamW with parameter groups, then the EMA `teacher ← m·teacher + (1−m)·student`;
 5. a NaN guard: a non-finite loss or gradient leaves the state unchanged and counts the streak.
 
+The batch holds k micro-batches on a leading axis (`train.grad_accumulation_steps`; k = 1 runs the
+plain program): step 1 runs over all of them and centres over the whole batch, steps 2–3 run
+micro-batch by micro-batch with the gradients summed, steps 4–5 once, so that the step equals the
+large-batch one (paper §3.2's Sinkhorn-Knopp is over the batch; naive accumulation would change it).
+
 In distillation a frozen teacher gives the targets of step 1; with several students
 (`make_multi_student_step`) it runs once and steps 2–5 run per student (paper §5.2).
 
