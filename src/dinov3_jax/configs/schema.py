@@ -819,6 +819,7 @@ LEGACY_KEYS = frozenset(
 ARCHS: dict[str, tuple[int, int, int, float]] = {
     "vit_nano": (32, 2, 2, 4.0),  # project addition: a distillation student of vit_tiny, ~5x smaller
     "vit_tiny": (64, 3, 4, 4.0),  # project addition, for tests and CPU runs
+    "vit_mini": (128, 4, 4, 4.0),  # project addition, for CPU runs on small real images
     "vit_small": (384, 12, 6, 4.0),
     "vit_base": (768, 12, 12, 4.0),
     "vit_large": (1024, 24, 16, 4.0),
