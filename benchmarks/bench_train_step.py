@@ -13,7 +13,10 @@ For one recipe plus `--set key=value` overrides the script
    and `memory_analysis()` (argument, output, temp, alias bytes);
 4. runs `--warmup` steps, then `--steps` timed steps of the compiled program (cycling through the
    placed batches, each step's own schedule values, `block_until_ready` on state and metrics) and
-   reports the median step time, images/s (images per step / median), achieved FLOP/s and MFU.
+   reports the median step time, images/s (images per step / median), achieved FLOP/s and MFU;
+5. with `--with-pipeline`, also times `--steps` steps fed by the pipeline as the trainer's loop
+   feeds them (next batch, `device_batch`, queue the step; the pipeline and the step share the
+   CPU), i.e. what training gets when the data is the bottleneck.
 
 MFU is against `--peak-tflops` when given; otherwise on a known accelerator its vendor dense peak
 for the compute dtype (H200: 989 TFLOP/s bf16, 67 fp32), and on a CPU the *measured matmul peak*
@@ -177,7 +180,7 @@ def run(args, cfg: Config) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(setup.state["student"])) if "student" in setup.state else 0
 
     # Data: the trainer's pipeline over the synthetic source, drawn before any timing.
-    source_kw = {"num_samples": max(64, 4 * host_batch_size(cfg)), "seed": 0}
+    source_kw = {"num_samples": cfg.data.num_samples or max(64, 4 * host_batch_size(cfg)), "seed": 0}
     source_kw["image_size"] = args.image_size or cfg.data.synthetic_image_size or 64
     source = make_source("synthetic", None, split="train", **source_kw)
     crops = (
@@ -224,7 +227,31 @@ def run(args, cfg: Config) -> dict:
             times.append(time.perf_counter() - t0)
     loss = float(jax.device_get(metrics["loss"])) if "loss" in metrics else float("nan")
     step_s = statistics.median(times)
+
+    fed = None
+    if args.with_pipeline:
+        # As the trainer's loop: each step's batch drawn from a fresh stream of the run's pipeline
+        # (data.num_workers of the config), steps queued without waiting, one wait at the end.
+        stream = iter(
+            build_train_pipeline(
+                source,
+                cfg=cfg,
+                crops=crops,
+                per_host_batch=host_batch_size(cfg),
+                patch_size=setup.mask_stride,
+                inverted_blur_probabilities=cfg.compat.inverted_blur_probabilities,
+            )
+        )
+        for i in range(args.warmup):  # the pipeline's start-up (and worker processes) untimed
+            state, metrics = compiled(state, place(next(stream), mesh, cfg), setup.schedule_values(i))
+        jax.block_until_ready((state, metrics))
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            state, metrics = compiled(state, place(next(stream), mesh, cfg), setup.schedule_values(i))
+        jax.block_until_ready((state, metrics))
+        fed = (time.perf_counter() - t0) / args.steps
     return {
+        "fed_step_s": fed,
         "images": images,
         "n_params": n_params,
         "setup_s": setup_s,
@@ -254,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the peak-measuring matmul (0: skip)")
     parser.add_argument("--image-size", type=int, help="synthetic source image side (default: the config's)")
     parser.add_argument("--label", help="the row's name (default: the recipe)")
+    parser.add_argument(
+        "--with-pipeline",
+        action="store_true",
+        help="also time --steps steps fed by the data pipeline, as the trainer's loop (data.num_workers of the config)",
+    )
     args = parser.parse_args(argv)
 
     overrides = [*args.set, *CHECKPOINTING.get(args.checkpointing or "", [])]
@@ -288,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s")
     print(f"step: {common.median_ms(r['times'])} over {len(r['times'])} steps; loss after {r['loss']:.4f}")
     print(f"images per step {r['images']}; {r['images'] / step_s:.2f} images/s")
+    if r["fed_step_s"]:
+        print(
+            f"fed by the pipeline (data.num_workers={cfg.data.num_workers}, synthetic source): "
+            f"{r['fed_step_s'] * 1e3:.1f} ms per step, {r['images'] / r['fed_step_s']:.2f} images/s"
+        )
     if flops:
         print(
             f"XLA cost_analysis: {flops / 1e9:.1f} GFLOP per step, "

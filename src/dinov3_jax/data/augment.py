@@ -17,12 +17,13 @@ global views (``localcrops_subset_of_globalcrops``); see :class:`DataAugmentatio
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance
 
 from dinov3_jax.data.images import to_rgb
 from dinov3_jax.models.registry import NORMALIZATION
@@ -184,10 +185,9 @@ def adjust_hue(img: Image.Image, hue: float) -> Image.Image:
     """Rotate the hue by ``hue`` turns (in [-0.5, 0.5]) through PIL's 8-bit HSV."""
     if hue == 0:
         return img
-    h, s, v = img.convert("HSV").split()
-    shift = np.uint8(round(hue * 255) % 256)
-    h = Image.fromarray(np.asarray(h, np.uint8) + shift, "L")  # uint8 wrap-around = rotation
-    return Image.merge("HSV", (h, s, v)).convert("RGB")
+    hsv = np.array(img.convert("HSV"))
+    hsv[..., 0] += np.uint8(round(hue * 255) % 256)  # uint8 wrap-around = rotation
+    return Image.frombytes("HSV", img.size, hsv.tobytes()).convert("RGB")
 
 
 def draw_jitter_params(
@@ -210,12 +210,21 @@ def draw_jitter_params(
     }
 
 
+def adjust_contrast(img: Image.Image, factor: float) -> Image.Image:
+    """``ImageEnhance.Contrast(img).enhance(factor)`` for an RGB image, with the mean luma summed by
+    numpy instead of ImageStat's Python loop over the histogram (the same integer sum, the same
+    division): a blend towards the rounded mean grey."""
+    lum = np.asarray(img.convert("L"))
+    mean = int(int(lum.sum(dtype=np.int64)) / lum.size + 0.5)
+    return Image.blend(Image.new("L", img.size, mean).convert(img.mode), img, factor)
+
+
 def apply_color_jitter(img: Image.Image, params: dict[str, Any]) -> Image.Image:
     for op in params["order"]:
         if op == 0:
             img = ImageEnhance.Brightness(img).enhance(params["brightness"])
         elif op == 1:
-            img = ImageEnhance.Contrast(img).enhance(params["contrast"])
+            img = adjust_contrast(img, params["contrast"])
         elif op == 2:
             img = ImageEnhance.Color(img).enhance(params["saturation"])
         else:
@@ -245,26 +254,51 @@ def gaussian_kernel1d(sigma: float, size: int = BLUR_KERNEL) -> np.ndarray:
     return (k / k.sum()).astype(np.float32)
 
 
+@functools.cache
+def _reflect_index(n: int, r: int) -> np.ndarray:
+    """Indices of ``np.pad(x, r, mode="reflect")`` along an axis of length n (edge not repeated)."""
+    return np.pad(np.arange(n), r, mode="reflect")
+
+
+def _taps(pad: np.ndarray, k: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """Σᵢ k[i] · pad[i : i + n] along `axis` (0 or 1), summed in order i = 0, 1, … in float32."""
+    window = lambda i: pad[i : i + n] if axis == 0 else pad[:, i : i + n]  # noqa: E731
+    acc = k[0] * window(0)
+    for i in range(1, len(k)):
+        acc += k[i] * window(i)
+    return acc
+
+
 def gaussian_blur(img: Image.Image, sigma: float, size: int = BLUR_KERNEL) -> Image.Image:
     """Separable ``size``×``size`` Gaussian with reflect padding, rounded back to uint8."""
     x = np.asarray(img, np.float32)
     k = gaussian_kernel1d(sigma, size)
     r = size // 2
     h, w = x.shape[:2]
-    pad = np.pad(x, ((r, r), (0, 0), (0, 0)), mode="reflect")
-    x = sum(k[i] * pad[i : i + h] for i in range(size))
-    pad = np.pad(x, ((0, 0), (r, r), (0, 0)), mode="reflect")
-    x = sum(k[i] * pad[:, i : i + w] for i in range(size))
+    # Reflect padding by gathering rows / columns (np.pad's own machinery dominated on small crops).
+    x = _taps(np.take(x, _reflect_index(h, r), axis=0), k, h, axis=0)
+    x = _taps(np.take(x, _reflect_index(w, r), axis=1), k, w, axis=1)
     return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "RGB")
 
 
+# ImageOps.solarize's table, built once per threshold (building it is most of the call on small crops).
+@functools.cache
+def _solarize_lut(threshold: int) -> tuple[int, ...]:
+    return tuple(i if i < threshold else 255 - i for i in range(256)) * 3
+
+
 def solarize(img: Image.Image, threshold: int = 128) -> Image.Image:
-    """Invert every pixel value ≥ threshold."""
-    return ImageOps.solarize(img, threshold)
+    """Invert every pixel value ≥ threshold (``ImageOps.solarize``)."""
+    return img.point(list(_solarize_lut(int(threshold))))
 
 
-def normalize(img: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    return (np.asarray(img, np.float32) / np.float32(255.0) - mean) / std
+def normalize(img: Image.Image | np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``(x / 255 − mean) / std`` in float32 (computed in place in a fresh array)."""
+    x = np.array(img, np.float32)
+    x /= np.float32(255.0)
+    x -= mean
+    x /= std
+    return x
 
 
 # ---------------------------------------------------------------------------------------------

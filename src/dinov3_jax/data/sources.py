@@ -331,14 +331,24 @@ class SyntheticSource:
     by their colours, which carry no class); a random polarity (light on dark as well) cost ~5
     k-NN points. Item ``i`` is a pure function of ``(seed, split, i)``; labels are
     ``i % num_classes`` (balanced; the first ``num_classes`` kinds, at most 10). ``get_mask(i)``
-    gives the per-pixel mask (0 background, label+1 on the shapes) for segmentation probes."""
+    gives the per-pixel mask (0 background, label+1 on the shapes) for segmentation probes.
+
+    Rendering is most of the training data path at 64 px (benchmarks/README.md, input pipeline),
+    so rendered items are kept, read-only, in this process up to ``cache_bytes`` (the first items
+    rendered stay; the cache is not pickled into grain worker processes, each fills its own)."""
 
     shapes_per_image = (3, 5)
     radius_range = (0.13, 0.19)  # as a fraction of the image side
     min_separation = 1.7  # centres at least this many (larger) radii apart
 
     def __init__(
-        self, num_samples: int = 1000, image_size: int = 64, seed: int = 0, split: str = "train", num_classes: int = 10
+        self,
+        num_samples: int = 1000,
+        image_size: int = 64,
+        seed: int = 0,
+        split: str = "train",
+        num_classes: int = 10,
+        cache_bytes: int = 256 << 20,
     ):
         if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
             raise ValueError(f"SyntheticSource supports 1..{len(SYNTHETIC_CLASSES)} classes, got {num_classes}")
@@ -353,6 +363,12 @@ class SyntheticSource:
         self.image_size = int(image_size)
         self.seed = int(seed)
         self.split = split
+        self.cache_bytes = int(cache_bytes)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+        self._cached_bytes = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"_cache": {}, "_cached_bytes": 0}
 
     def __len__(self) -> int:
         return self.num_samples
@@ -375,8 +391,21 @@ class SyntheticSource:
         return np.where(mask, label + 1, 0).astype(np.uint8)
 
     def render(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """``(image uint8 [H, W, 3], foreground bool [H, W], label)`` for item ``index``."""
+        """``(image uint8 [H, W, 3], foreground bool [H, W], label)`` for item ``index`` (both
+        arrays read-only)."""
         index = _check_index(index, len(self))
+        item = self._cache.get(index)
+        if item is None:
+            item = self._render(index)
+            for array in item[:2]:
+                array.flags.writeable = False
+            size = item[0].nbytes + item[1].nbytes
+            if self._cached_bytes + size <= self.cache_bytes:  # (threads may race past the bound by an item)
+                self._cache[index] = item
+                self._cached_bytes += size
+        return item
+
+    def _render(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
         label = index % self._num_classes
         rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index, 0x5EED])
         s = self.image_size
