@@ -7,6 +7,9 @@ k-NN beside raw pixels and the initialisation, wall time, machine load) as a lin
     .venv/bin/python benchmarks/small_compute.py run p8 --steps 1500 --set student.patch_size=8
     .venv/bin/python benchmarks/small_compute.py run final --steps 6000 --full-knn
     .venv/bin/python benchmarks/small_compute.py plot base p4 --out benchmarks/small_compute.png
+    .venv/bin/python benchmarks/small_compute.py digits runs/digits     # needs scikit-learn
+    .venv/bin/python benchmarks/small_compute.py run digits --steps 1000 --set data.source=folder \
+        data.path=runs/digits data.knn_train_samples=null data.knn_val_samples=null
 
 `--full-knn` also evaluates the final teacher on the whole train/test split (Fashion-MNIST: the
 60k/10k protocol of raw pixels' 85.6%), besides the run's own k-NN subset. Training seconds
@@ -34,9 +37,20 @@ RESULTS = Path(__file__).with_name("small_compute.jsonl")
 
 
 def knn_curve(run_dir: Path, key: str) -> list[tuple[float, float]]:
-    """(training seconds, k-NN top-1) of every periodic evaluation in the run's metrics.jsonl."""
+    """(training seconds, k-NN top-1) of every periodic evaluation in the run's metrics.jsonl.
+    `train_seconds` counts one session; a resumed run's clock restarts, so later sessions are
+    offset by the seconds of the earlier ones."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["train_seconds"], r[key]) for r in rows if key in r and "train_seconds" in r]
+    curve, offset, last = [], 0.0, 0.0
+    for r in rows:
+        if "train_seconds" not in r:
+            continue
+        if r["train_seconds"] < last:  # a new session
+            offset += last
+        last = r["train_seconds"]
+        if key in r:
+            curve.append((offset + last, r[key]))
+    return curve
 
 
 def run(args: argparse.Namespace) -> None:
@@ -77,11 +91,40 @@ def run(args: argparse.Namespace) -> None:
                 cfg, data=dataclasses.replace(cfg.data, knn_train_samples=None, knn_val_samples=None)
             )
             evaluator = KnnEvaluator(whole)
-            record["full_knn"] = evaluator(load_backbone(result["teacher_backbone"]))[key]
+            record["full_knn"] = evaluator(load_backbone(weights=result["teacher_backbone"]))[key]
             record["full_raw_pixels"] = evaluator.raw_pixels()[key]
         with RESULTS.open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps({k: v for k, v in record.items() if k != "curve"}))
+
+
+def digits(args: argparse.Namespace) -> None:
+    """Writes scikit-learn's bundled handwritten digits (1797 images of 8x8 px, 17 grey levels) as
+    PNGs in `OUT/{train,val}/<digit>/`, split 75 / 25 per class with a fixed seed: a second
+    labelled image set that needs no download, read by the `folder` source as a user's own
+    folder would be."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise SystemExit("the digits set comes with scikit-learn: .venv/bin/pip install scikit-learn") from err
+    import numpy as np
+    from PIL import Image
+
+    out = Path(args.out)
+    if out.exists():
+        raise SystemExit(f"{out} exists; not overwriting it")
+    data = load_digits()
+    images = np.rint(data.images * (255 / 16)).astype(np.uint8)  # [1797, 8, 8], 0..16 -> 0..255
+    rng = np.random.default_rng(0)
+    for label in range(10):
+        index = rng.permutation(np.flatnonzero(data.target == label))
+        n_val = len(index) // 4
+        for split, part in (("val", index[:n_val]), ("train", index[n_val:])):
+            folder = out / split / str(label)
+            folder.mkdir(parents=True)
+            for i in part:
+                Image.fromarray(images[i], "L").save(folder / f"{i:04d}.png")
+    print(f"wrote {len(images)} digits to {out}/train and {out}/val")
 
 
 def plot(args: argparse.Namespace) -> None:
@@ -125,6 +168,9 @@ def main() -> None:
     p.add_argument("names", nargs="+")
     p.add_argument("--out", default=str(Path(__file__).with_name("small_compute.png")))
     p.set_defaults(run=plot)
+    d = sub.add_parser("digits", help="write scikit-learn's digits as an image folder (train/ and val/)")
+    d.add_argument("out")
+    d.set_defaults(run=digits)
     args = parser.parse_args()
     args.run(args)
 

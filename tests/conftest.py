@@ -18,15 +18,37 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # resumed one): a compilation cache for the session compiles each distinct program once. The
 # pytest-xdist workers of one run share it (same run id), so a program compiled by one is reused
 # by the other.
+# The controller process (or a lone pytest) removes the caches at the end.
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import pytest  # noqa: E402
+
+
+def _shared_cache(run_id: str) -> Path:
+    return Path(tempfile.gettempdir(), f"dinov3-jax-test-cache-{run_id}")
+
+
 _run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-_cache = Path(tempfile.gettempdir(), f"dinov3-jax-test-cache-{_run}") if _run else None
 jax.config.update(
-    "jax_compilation_cache_dir", str(_cache) if _cache else tempfile.mkdtemp(prefix="dinov3-jax-test-cache-")
+    "jax_compilation_cache_dir",
+    str(_shared_cache(_run)) if _run else tempfile.mkdtemp(prefix="dinov3-jax-test-cache-"),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+_caches_to_remove = {Path(jax.config.jax_compilation_cache_dir)}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """(pytest-xdist controller) a worker has finished: its run's shared cache is removed at the end."""
+    _caches_to_remove.add(_shared_cache(node.workerinput["testrunuid"]))
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):
+        for path in _caches_to_remove:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
