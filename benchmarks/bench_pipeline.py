@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import functools
 import pickle
 import sys
@@ -41,6 +40,7 @@ from dinov3_jax.configs import Config, load_config
 from dinov3_jax.data import augment, pipeline
 from dinov3_jax.data import sources as sources_mod
 from dinov3_jax.data.sources import make_source
+from dinov3_jax.train.main import train_stream
 
 
 def write_jpegs(folder: Path, count: int, width: int, height: int, seed: int = 0) -> None:
@@ -61,16 +61,8 @@ def write_jpegs(folder: Path, count: int, width: int, height: int, seed: int = 0
 
 
 def build(cfg: Config, source, batch: int, workers: int, threads: int = 2):
-    crops = dataclasses.replace(cfg.crops, gram_teacher_crops_size=None)
-    return pipeline.build_train_pipeline(
-        source,
-        cfg=cfg,
-        crops=crops,
-        per_host_batch=batch,
-        patch_size=cfg.student.patch_size,
-        num_workers=workers,
-        num_threads=threads,
-        inverted_blur_probabilities=cfg.compat.inverted_blur_probabilities,
+    return train_stream(
+        cfg, source, per_host_batch=batch, patch_size=cfg.student.patch_size, num_workers=workers, num_threads=threads
     )
 
 

@@ -34,7 +34,7 @@ printed beside XLA's count as a cross-check.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import itertools
 import resource
 import statistics
@@ -49,7 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # benchmarks/common.py
 from dinov3_jax import parallel
 from dinov3_jax.configs import Config, global_batch_size, load_config, schedule_steps, student_backbone_config
-from dinov3_jax.data.pipeline import build_train_pipeline
 from dinov3_jax.data.sources import make_source
 from dinov3_jax.models.heads import head_configs
 from dinov3_jax.train import main as trainer
@@ -183,21 +182,10 @@ def run(args, cfg: Config) -> dict:
     source_kw = {"num_samples": cfg.data.num_samples or max(64, 4 * host_batch_size(cfg)), "seed": 0}
     source_kw["image_size"] = args.image_size or cfg.data.synthetic_image_size or 64
     source = make_source("synthetic", None, split="train", **source_kw)
-    crops = (
-        dataclasses.replace(cfg.crops, gram_teacher_crops_size=None)
-        if not trainer.uses_gram_teacher(cfg)
-        else cfg.crops
+    stream = functools.partial(
+        trainer.train_stream, cfg, source, per_host_batch=host_batch_size(cfg), patch_size=setup.mask_stride
     )
-    pipeline = build_train_pipeline(
-        source,
-        cfg=cfg,
-        crops=crops,
-        per_host_batch=host_batch_size(cfg),
-        patch_size=setup.mask_stride,
-        num_workers=0,
-        inverted_blur_probabilities=cfg.compat.inverted_blur_probabilities,
-    )
-    it = iter(pipeline)
+    it = iter(stream(num_workers=0))
     t0 = time.perf_counter()
     hosts = [next(it) for _ in range(args.batches)]
     data_s = (time.perf_counter() - t0) / args.batches
@@ -232,22 +220,13 @@ def run(args, cfg: Config) -> dict:
     if args.with_pipeline:
         # As the trainer's loop: each step's batch drawn from a fresh stream of the run's pipeline
         # (data.num_workers of the config), steps queued without waiting, one wait at the end.
-        stream = iter(
-            build_train_pipeline(
-                source,
-                cfg=cfg,
-                crops=crops,
-                per_host_batch=host_batch_size(cfg),
-                patch_size=setup.mask_stride,
-                inverted_blur_probabilities=cfg.compat.inverted_blur_probabilities,
-            )
-        )
+        fed_stream = iter(stream())
         for i in range(args.warmup):  # the pipeline's start-up (and worker processes) untimed
-            state, metrics = compiled(state, place(next(stream), mesh, cfg), setup.schedule_values(i))
+            state, metrics = compiled(state, place(next(fed_stream), mesh, cfg), setup.schedule_values(i))
         jax.block_until_ready((state, metrics))
         t0 = time.perf_counter()
         for i in range(args.steps):
-            state, metrics = compiled(state, place(next(stream), mesh, cfg), setup.schedule_values(i))
+            state, metrics = compiled(state, place(next(fed_stream), mesh, cfg), setup.schedule_values(i))
         jax.block_until_ready((state, metrics))
         fed = (time.perf_counter() - t0) / args.steps
     return {

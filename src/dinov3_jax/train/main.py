@@ -140,6 +140,22 @@ def uses_gram_teacher(cfg: Config) -> bool:
     return cfg.gram.use_loss and not cfg.gram.ema_teacher
 
 
+def train_stream(cfg: Config, source, *, per_host_batch: int, patch_size: int, **kw) -> Any:
+    """The trainer's multi-crop stream over `source` (`data.pipeline.build_train_pipeline` with the
+    run's crops: Gram-teacher crops only when a separate Gram teacher trains, the `compat` blur
+    probabilities); `kw` are further `build_train_pipeline` arguments."""
+    crops = cfg.crops if uses_gram_teacher(cfg) else dataclasses.replace(cfg.crops, gram_teacher_crops_size=None)
+    return build_train_pipeline(
+        source,
+        cfg=cfg,
+        crops=crops,
+        per_host_batch=per_host_batch,
+        patch_size=patch_size,
+        inverted_blur_probabilities=cfg.compat.inverted_blur_probabilities,
+        **kw,
+    )
+
+
 def opt_state_shardings(tx, params, param_sh, repl):
     """Shardings of the optimizer state: each parameter-shaped leaf takes its parameter's."""
     abstract = jax.eval_shape(tx.init, params)
@@ -530,18 +546,15 @@ def _train(cfg: Config, out: Path, stop: StopRequest, *, progress: bool) -> dict
 
     # ------------------------------------------------------------------ Data
     source = make_source(cfg.data.source, cfg.data.path, split="train", **source_kwargs(cfg, cfg.data.num_samples))
-    crops = cfg.crops if uses_gram_teacher(cfg) else dataclasses.replace(cfg.crops, gram_teacher_crops_size=None)
-    pipeline = build_train_pipeline(
+    pipeline = train_stream(
+        cfg,
         source,
-        cfg=cfg,
-        crops=crops,
         per_host_batch=host_batch,
         patch_size=run.mask_stride,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         # Batch t depends only on t: the stream of a resumed (or continued) run starts at its step.
         start_step=start,
-        inverted_blur_probabilities=cfg.compat.inverted_blur_probabilities,
     )
     iterator = iter(pipeline)
     if jax.process_index() == 0:
