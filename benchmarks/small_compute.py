@@ -23,11 +23,13 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
+import sys
 from pathlib import Path
 
 import jax
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # benchmarks/common.py
 from dinov3_jax.configs import load_config
 from dinov3_jax.eval.knn import KnnEvaluator
 from dinov3_jax.train.main import train
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
             "random_init": result["knn_random_init"][key],
             "curve": curve,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}",
+            "machine": f"{common.cpu_model()}, {common.usable_cores()} cores, jax {jax.__version__}",
             "load_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         }
         if args.full_knn:  # the whole train / test split

@@ -122,6 +122,34 @@ def test_colour_jitter_strength_and_probabilities_are_configurable():
     assert A.AugmentConfig.from_any(cfg.crops).color_jitter == (0.0, 0.0, 0.0, 0.5)
 
 
+def test_blur_sigma_and_solarisation_probability_are_configurable():
+    """crops.blur_sigma bounds every blurred crop's sigma; crops.solarize_prob is global crop 2's
+    solarisation rate (0 and 1 here), and neither changes the other draws of the random stream."""
+    img = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    kw = dict(global_crops_size=8, local_crops_size=8, local_crops_number=2)
+    cfg = A.AugmentConfig.from_any(
+        load_config("tiny_cpu", ["crops.blur_sigma=[0.2,0.4]", "crops.solarize_prob=1"]).crops
+    )
+    assert (cfg.blur_sigma, cfg.solarize_prob) == ((0.2, 0.4), 1.0)
+    traces = {}
+    for name, aug in (
+        ("default", A.DataAugmentationDINO(**kw)),
+        ("set", A.DataAugmentationDINO(**kw, blur_sigma=(0.2, 0.4), solarize_prob=1.0)),
+        ("never", A.DataAugmentationDINO(**kw, solarize_prob=0.0)),
+    ):
+        traces[name] = []
+        for seed in range(30):
+            aug(img, np.random.default_rng(seed), trace=traces[name])
+    sigmas = [t["blur_sigma"] for t in traces["set"] if t["blur"]]
+    assert sigmas and all(0.2 <= s <= 0.4 for s in sigmas)
+    assert max(t["blur_sigma"] for t in traces["default"] if t["blur"]) > 0.4
+    g2 = {name: [t["solarize"] for t in trace if t["crop"] == "global2"] for name, trace in traces.items()}
+    assert all(g2["set"]) and not any(g2["never"]) and 0 < sum(g2["default"]) < 30
+    for name in ("set", "never"):  # the same crops, jitter and blur decisions as the default
+        for a, b in zip(traces[name], traces["default"]):
+            assert (a["box"], a["flip"], a["jitter"], a["blur"]) == (b["box"], b["flip"], b["jitter"], b["blur"])
+
+
 def test_photometric_ops():
     x = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, 2)
     sol = np.asarray(A.solarize(Image.fromarray(x)))

@@ -159,6 +159,31 @@ def test_last_layer_frozen_then_trained():
         )
 
 
+def test_softmax_centring_keeps_an_ema_of_the_teacher_logits():
+    """train.centering=softmax (DINO v1, a project key): the DINO centre after one step is
+    m·0 + (1 − m)·the batch mean of the teacher's CLS logits (the iBOT one likewise over the
+    masked patches), with m = train.center_momentum; Sinkhorn-Knopp leaves the centres at 0."""
+    from flax import nnx
+
+    from dinov3_jax.train.step import teacher_logits
+
+    extra = (*NO_KOLEO, "train.centering=softmax", "train.center_momentum=0.25")
+    states, metrics = run_steps(one_device_mesh(), n_steps=1, extra=extra)
+    assert np.isfinite(metrics[0]["loss"])
+    run = setup(micro_config(*extra), one_device_mesh(), global_batch=BATCH, steps=6)
+    teacher = nnx.merge(next(iter(run.students.values())).teacher_def, nnx.State(states[0]["teacher"]))
+    micro = {k: v[0] for k, v in device_batch(dict(host_batches()[0]), one_device_mesh(), n_micro=1).items()}
+    cls_logits, patch_logits, _ = (np.asarray(x) for x in teacher_logits(teacher, micro))
+    valid = np.asarray(micro["mask_weights"]).reshape(-1) > 0
+    np.testing.assert_allclose(states[1]["centers"]["dino"][0], 0.75 * cls_logits.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        states[1]["centers"]["ibot"][0], 0.75 * patch_logits[valid].mean(0), rtol=1e-5, atol=1e-6
+    )
+    assert np.abs(states[1]["centers"]["dino"]).max() > 0
+    sinkhorn_states, _ = single_device_run()
+    assert not np.any(sinkhorn_states[-1]["centers"]["dino"]) and not np.any(sinkhorn_states[-1]["centers"]["ibot"])
+
+
 def test_nan_step_is_skipped_and_counted():
     def poison(host):
         host["global_crops"] = host["global_crops"].copy()

@@ -520,6 +520,10 @@ def _warn_no_effect(cfg: Config, ctx: _Context) -> None:
         value = get_key(cfg, key)
         if value is not None and value != get_key(default, key):
             log.warning("config key %s=%r has no effect in dinov3-jax%s", key, value, f" ({hint})" if hint else "")
+    if "train.center_momentum" in seen and cfg.train.centering != "softmax" and cfg.train.center_momentum != 0.9:
+        log.warning(
+            "train.center_momentum has no effect without train.centering=softmax (Sinkhorn-Knopp keeps no centre)"
+        )
     if (
         "crops.gram_teacher_crops_size" in seen
         and cfg.crops.gram_teacher_crops_size is not None
@@ -650,6 +654,11 @@ def validate(cfg: Config) -> None:
         )
     in_range("crops.color_jitter_prob", 0, 1)
     in_range("crops.grayscale_prob", 0, 1)
+    in_range("crops.solarize_prob", 0, 1)
+    in_range("train.center_momentum", 0, 1)
+    lo, hi = c.blur_sigma
+    if not 0 < lo <= hi:
+        err("crops.blur_sigma", f"must satisfy 0 < min ≤ max, got {[lo, hi]}")
     if any(v <= 0 for v in c.rgb_std):
         err("crops.rgb_std", f"must be positive, got {c.rgb_std}")
 

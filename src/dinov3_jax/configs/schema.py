@@ -226,8 +226,11 @@ class Train:
     use_teacher_head: bool = True
     # Learn from teacher tokens (unused upstream; no effect).
     learn_from_teacher_tokens: bool = False
-    # Teacher centering; DINOv3 supports only Sinkhorn-Knopp.
-    centering: Literal["sinkhorn_knopp"] = "sinkhorn_knopp"
+    # Teacher centering: Sinkhorn-Knopp (DINOv3); project addition: "softmax", DINO v1's softmax
+    # around an EMA of the teacher logits (RECIPE.md §4.1).
+    centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"
+    # Project addition: EMA momentum of the softmax centre (DINO v1's 0.9); only with centering softmax.
+    center_momentum: float = 0.9
     # Activation checkpointing of the student's blocks (RECIPE.md §9.2): their activations are
     # recomputed in the backward pass, but for the matmul and attention outputs (selective).
     checkpointing: bool = False
@@ -458,6 +461,11 @@ class Crops:
     color_jitter_prob: float = 0.8
     # Project addition: probability of grayscale (official 0.2).
     grayscale_prob: float = 0.2
+    # Project addition: range of the Gaussian blur's sigma in pixels of the crop (official [0.1, 2.0],
+    # set for 224 px crops).
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # Project addition: probability of solarising global crop 2 (official 0.2).
+    solarize_prob: float = 0.2
     # Gram-teacher crops without photometric distortions.
     gram_teacher_no_distortions: bool = False
     # Normalisation mean.
@@ -757,7 +765,6 @@ FIXED_KEYS: dict[str, str] = {
     "ibot.separate_head": "DINOv3 always uses separate DINO and iBOT heads",
     "dino.koleo_topk": "KoLeo uses the single nearest neighbour",
     "optim.optimizer": "DINOv3 trains with AdamW",
-    "train.centering": "DINOv3 centres the teacher with Sinkhorn-Knopp",
 }
 
 # v1 schedule keys, replaced by the `schedules` section when it is present.

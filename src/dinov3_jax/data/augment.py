@@ -54,10 +54,13 @@ class AugmentConfig:
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
     horizontal_flips: bool = True
     # Project additions (official values): brightness, contrast, saturation, hue jitter strengths,
-    # the probability of the jitter and of grayscale.
+    # the probability of the jitter and of grayscale, the blur's sigma range (pixels of the crop)
+    # and the probability of solarising global crop 2.
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     color_jitter_prob: float = COLOR_JITTER_P
     grayscale_prob: float = GRAYSCALE_P
+    blur_sigma: tuple[float, float] = BLUR_SIGMA
+    solarize_prob: float = SOLARIZE_P_GLOBAL2
     rgb_mean: tuple[float, float, float] = NORMALIZATION["lvd"][0]
     rgb_std: tuple[float, float, float] = NORMALIZATION["lvd"][1]
     # RECIPE.md §6.2 options of the official DataAugmentationDINO (defaults: off).
@@ -114,7 +117,7 @@ class AugmentConfig:
                 raise ValueError(
                     f"crops.gram_teacher_crops_size must be positive, got {values['gram_teacher_crops_size']}"
                 )
-        for k in ("global_crops_scale", "local_crops_scale", "color_jitter", "rgb_mean", "rgb_std"):
+        for k in ("global_crops_scale", "local_crops_scale", "color_jitter", "blur_sigma", "rgb_mean", "rgb_std"):
             if k in values:
                 values[k] = tuple(float(x) for x in values[k])
         if "patch_size" in values:
@@ -374,7 +377,7 @@ class DataAugmentationDINO:
         if applied["grayscale"]:
             img = grayscale(img)
         applied["blur"] = bool(rng.random() < blur_p)
-        applied["blur_sigma"] = float(rng.uniform(*BLUR_SIGMA)) if applied["blur"] else None
+        applied["blur_sigma"] = float(rng.uniform(*c.blur_sigma)) if applied["blur"] else None
         if applied["blur"]:
             img = gaussian_blur(img, applied["blur_sigma"])
         applied["solarize"] = bool(rng.random() < solarize_p)
@@ -424,7 +427,7 @@ class DataAugmentationDINO:
         subset = c.localcrops_subset_of_globalcrops
         view_size = size if gram is None else max(size, gram)
         views, globals_, grams = [], [], []
-        for k, (blur_p, solarize_p) in enumerate(((blur_g1, 0.0), (blur_g2, SOLARIZE_P_GLOBAL2))):
+        for k, (blur_p, solarize_p) in enumerate(((blur_g1, 0.0), (blur_g2, c.solarize_prob))):
             view = self._geometric(img, rng, view_size, c.global_crops_scale, trace=records[k])
             if gram is not None and c.gram_teacher_no_distortions:
                 # Resize first, so the photometric ops (blur above all) see the global crop size.

@@ -130,6 +130,7 @@ def loss_config(cfg: Config, n_devices: int, micro_batch: int) -> LossConfig:
         koleo_weight=cfg.dino.koleo_loss_weight,
         global_ignore_diagonal=cfg.dino.global_ignore_diagonal,
         centering=cfg.train.centering,
+        center_momentum=cfg.train.center_momentum,
         koleo_groups=koleo_groups,
         gram=gram,
     )
