@@ -137,10 +137,12 @@ def plot(args: argparse.Namespace) -> None:
 
     records = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in args.names:
-        for r in (r for r in records if r["name"] == name):
-            t, k = zip(*r["curve"]) if r["curve"] else ((), ())
-            ax.plot([s / 60 for s in t], k, marker="o", markersize=3, label=f"{name} (seed {r['seed']})")
+    runs = [r for name in args.names for r in records if r["name"] == name]
+    colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    for i, r in enumerate(runs):
+        t, k = zip(*r["curve"]) if r["curve"] else ((), ())
+        label = f"{r['name']} (seed {r['seed']})"
+        ax.plot([s / 60 for s in t], k, marker="o", markersize=3, color=colours(i), label=label)
     raw = next((r["raw_pixels"] for r in records if r["name"] in args.names), None)
     if raw is not None:
         ax.axhline(raw, color="gray", linestyle="--", linewidth=1, label=f"raw pixels ({raw:.1f})")

@@ -260,8 +260,9 @@ def test_elastic_restore_onto_other_meshes(tmp_path):
     2 steps with FSDP over 4 of 8 devices (mesh 2×4), then on 4 devices with FSDP over 2 (2×2) and
     two micro-batches (the same global batch of 16), then data-parallel on 8 (8×1). The restored
     state equals the saved one, lies on the new mesh, and every step's losses and parameters are
-    those of the one-device run (the tolerances of the accumulation test, the parameters' growing
-    with the steps taken: measured 1.6e-6 after the second Adam step)."""
+    those of the one-device run (the losses' tolerances of the accumulation test; the parameters'
+    grow with the steps taken, 1.5e-6 for each Adam step, 0.15% of one step at lr 1e-3: measured
+    1.6e-6 after the second Adam step on an Intel Xeon, 2.1e-6 on an AMD EPYC)."""
     from dinov3_jax.checkpoint import Checkpointer
 
     ref_states, ref_metrics = reference_run()
@@ -303,8 +304,8 @@ def test_elastic_restore_onto_other_meshes(tmp_path):
                 )
         for key in ("student", "teacher"):
             for a, b in zip(leaves(states[-1][key]), leaves(ref_states[last][key])):
-                # Rounding differences compound: 1e-6 for each Adam step taken with lr > 0 (steps 1, 2, ...).
-                np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * (last - 1), err_msg=f"{key} after step {last}")
+                # Rounding differences compound: 1.5e-6 for each Adam step taken with lr > 0 (steps 1, 2, ...).
+                np.testing.assert_allclose(a, b, rtol=0, atol=1.5e-6 * (last - 1), err_msg=f"{key} after step {last}")
         saved = states[-1]
     ckpt.close()
 
