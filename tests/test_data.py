@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from dinov3_jax.configs import load_config
 from dinov3_jax.data import augment as A
@@ -120,6 +120,29 @@ def test_colour_jitter_strength_and_probabilities_are_configurable():
     assert not np.array_equal(np.asarray(rotated), img)
     cfg = load_config("tiny_cpu", ["crops.color_jitter=[0,0,0,0.5]", "crops.color_jitter_prob=1"])
     assert A.AugmentConfig.from_any(cfg.crops).color_jitter == (0.0, 0.0, 0.0, 0.5)
+
+
+def test_grey_images_skip_saturation_and_hue_with_the_same_result():
+    """On a grey image the jitter skips its saturation and hue steps; the result is bit for bit
+    that of all four steps (written out here), for random sizes, grey levels and outcomes."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        v = rng.integers(0, 256, tuple(rng.integers(4, 24, 2)), dtype=np.uint8)
+        img = Image.fromarray(np.repeat(v[..., None], 3, axis=2))
+        params = A.draw_jitter_params(rng, 0.4, 0.4, 0.4, 0.5)
+        full = img
+        for op in params["order"]:
+            if op == 0:
+                full = ImageEnhance.Brightness(full).enhance(params["brightness"])
+            elif op == 1:
+                full = A.adjust_contrast(full, params["contrast"])
+            elif op == 2:
+                full = ImageEnhance.Color(full).enhance(params["saturation"])
+            else:
+                full = A.adjust_hue(full, params["hue"])
+        assert np.array_equal(np.asarray(A.apply_color_jitter(img, params)), np.asarray(full))
+    colour = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    assert A.is_grey(img) and not A.is_grey(colour)
 
 
 def test_blur_sigma_and_solarisation_probability_are_configurable():

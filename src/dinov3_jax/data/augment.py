@@ -222,8 +222,19 @@ def adjust_contrast(img: Image.Image, factor: float) -> Image.Image:
     return Image.blend(Image.new("L", img.size, mean).convert(img.mode), img, factor)
 
 
+def is_grey(img: Image.Image) -> bool:
+    """Every pixel of the RGB image has R = G = B."""
+    x = np.asarray(img)
+    return bool((x[..., 0] == x[..., 1]).all() and (x[..., 1] == x[..., 2]).all())
+
+
 def apply_color_jitter(img: Image.Image, params: dict[str, Any]) -> Image.Image:
+    # On a grey image (Fashion-MNIST, scans) saturation and hue are exact no-ops -- its luma is its
+    # value and its HSV saturation 0 -- and brightness and contrast keep it grey: skip them.
+    grey = is_grey(img)
     for op in params["order"]:
+        if grey and op >= 2:
+            continue
         if op == 0:
             img = ImageEnhance.Brightness(img).enhance(params["brightness"])
         elif op == 1:
