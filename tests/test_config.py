@@ -575,3 +575,12 @@ def test_activation_checkpointing_keys_choose_the_student_policy(caplog):
     with caplog.at_level(logging.WARNING, logger="dinov3_jax.configs"):
         assert policies("train.checkpointing_full=true") == ("off", "off")
     assert "train.checkpointing_full=true has no effect without train.checkpointing=true" in caplog.text
+
+
+def test_center_momentum_warns_without_softmax_centring(caplog):
+    """train.center_momentum acts only with train.centering=softmax; with Sinkhorn-Knopp it warns."""
+    with caplog.at_level(logging.WARNING, logger="dinov3_jax.configs"):
+        load_config("tiny_cpu", ["train.center_momentum=0.5", "train.centering=softmax"])
+        assert "center_momentum" not in caplog.text
+        load_config("tiny_cpu", ["train.center_momentum=0.5"])
+    assert "train.center_momentum has no effect without train.centering=softmax" in caplog.text

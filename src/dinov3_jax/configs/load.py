@@ -520,7 +520,8 @@ def _warn_no_effect(cfg: Config, ctx: _Context) -> None:
         value = get_key(cfg, key)
         if value is not None and value != get_key(default, key):
             log.warning("config key %s=%r has no effect in dinov3-jax%s", key, value, f" ({hint})" if hint else "")
-    if "train.center_momentum" in seen and cfg.train.centering != "softmax" and cfg.train.center_momentum != 0.9:
+    momentum_set = cfg.train.center_momentum != default.train.center_momentum
+    if "train.center_momentum" in seen and momentum_set and cfg.train.centering != "softmax":
         log.warning(
             "train.center_momentum has no effect without train.centering=softmax (Sinkhorn-Knopp keeps no centre)"
         )
